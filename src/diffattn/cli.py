@@ -1,0 +1,54 @@
+"""The ``diffattn`` command line: a thin dispatcher over one module per subcommand.
+
+Each subcommand lives beside the code it drives (``diffattn/<stage>/cli.py``) and exposes
+``add_parser(subparsers) -> argparse.ArgumentParser`` whose parser sets ``func(args) -> int``.
+Errors: bad input (``ValueError``, ``FileNotFoundError``, ``UsageError``) prints one line naming the
+problem and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# subcommand -> module providing add_parser(); listed here once that module exists
+SUBCOMMANDS: dict[str, str] = {
+    "info": "diffattn.info",
+}
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffattn", description="The differential-attention family of Transformers.")
+    parser.add_argument("--version", action="version", version=f"diffattn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in SUBCOMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"diffattn {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"diffattn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

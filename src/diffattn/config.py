@@ -1,0 +1,215 @@
+"""Model configuration: one frozen, keyword-only dataclass for every variant.
+
+`ModelConfig` is the single source of truth for a model's shape. Fields that only one variant
+uses (the DIFF λ settings, the Shared-DIFF rank) are ``None`` for the others; derived fields
+(``n_kv_head``, ``head_dim``, ``ffn_hidden`` and the variant settings) are filled in
+``__post_init__`` only when not given. Every impossible combination raises ``ValueError`` naming
+the field and the valid range, so a bad configuration never reaches the model code.
+
+Head semantics follow each paper (see ``../shared/reference/methods.md``):
+
+* ``standard``: ``n_head`` plain heads of ``head_dim``; default ``head_dim = d_model / n_head``.
+* ``diff_v1`` / ``shared_diff``: ``n_head`` DIFF heads, each with two query/key sub-heads of
+  ``head_dim`` and a value of ``2 * head_dim``; default ``head_dim = d_model / (2 * n_head)``, so a
+  DIFF model with H heads has the projection shapes of a standard model with 2H heads (§1.6).
+* ``diff_v2``: ``n_head`` output heads, ``2 * n_head`` query heads, ``n_kv_head`` shared K/V heads,
+  all of ``head_dim``; default ``head_dim = d_model / n_head`` (§2.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+ATTENTION_VARIANTS = ("standard", "diff_v1", "diff_v2", "shared_diff")
+KERNELS = ("eager", "sdpa")  # "triton" registers here once the fused kernel lands (issue #8)
+DIFF_V1_LIKE = ("diff_v1", "shared_diff")
+SHARED_INITS = ("lora", "random")
+
+# Defaults of the variant-only fields, applied when the variant uses them and they are not given.
+_V1_DEFAULTS = {
+    "lambda_init": "depth",  # λ_init(depth) = 0.8 − 0.6·exp(−0.3·depth), methods.md §1.3
+    "lambda_std": 0.1,  # λ_q1, λ_k1, λ_q2, λ_k2 ~ N(0, 0.1²)
+    "diff_norm": True,  # per-head RMSNorm over 2·head_dim (Table 6: removing it hurts)
+    "diff_norm_affine": True,  # learnable gain, as the current unilm top-level files
+}
+_V1_FIELDS = tuple(_V1_DEFAULTS)
+_SHARED_FIELDS = ("shared_rank", "shared_init")
+_MAX_SIZE = 1 << 24  # guards against absurd sizes (typos like 10**12) before any allocation
+
+
+def lambda_init_for_depth(depth: int) -> float:
+    """DIFF V1 default λ_init = 0.8 − 0.6·exp(−0.3·depth), depth 0-based (methods.md §1.3)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * depth)
+
+
+def _fail(name: str, msg: str) -> None:
+    raise ValueError(f"ModelConfig.{name}: {msg}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int = _MAX_SIZE) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        _fail(name, f"must be in [{lo}, {hi}], got {value}")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float, *, lo_open=False, hi_open=False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, f"must be a finite number, got {value!r}")
+    bad_lo = value <= lo if lo_open else value < lo
+    bad_hi = value >= hi if hi_open else value > hi
+    if bad_lo or bad_hi:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        _fail(name, f"must be in {rng}, got {value}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(name, f"must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and options of a decoder-only LM with one attention variant in every layer."""
+
+    attention: str = "standard"  # one of ATTENTION_VARIANTS
+    vocab_size: int  # tokenizer vocabulary size
+    d_model: int  # residual stream width D
+    n_layer: int  # number of decoder blocks L
+    n_head: int  # heads, in the variant's own meaning (see module docstring)
+    n_kv_head: int | None = None  # K/V heads (GQA); default n_head. Must divide n_head.
+    head_dim: int | None = None  # per-(sub-)head query/key width d; derived per variant
+    max_seq_len: int = 2048  # longest sequence the rotary tables and caches cover
+    rope_theta: float = 10000.0  # rotary base; the paper's training value is UNCONFIRMED (§1.5)
+    ffn_hidden: int | None = None  # SwiGLU hidden width; default 8/3·D rounded up to a multiple of 64
+    norm_eps: float = 1e-5  # eps of every RMSNorm (block norms and the DIFF per-head norm)
+    tie_embeddings: bool = False  # share the token embedding with the output head
+    init_std: float = 0.02  # N(0, init_std²) for embeddings and linear weights (see model.init_weights)
+    kernel: str = "sdpa"  # one of KERNELS: how softmax(QKᵀ)V is computed
+    # --- DIFF V1 and Shared DIFF only (None elsewhere) ---
+    lambda_init: str | float | None = None  # "depth" (paper default) or a constant in [0, 1)
+    lambda_std: float | None = None  # std of the λ re-parameterisation vectors
+    diff_norm: bool | None = None  # per-head RMSNorm (then ×(1−λ_init)); False is the Table 6 ablation
+    diff_norm_affine: bool | None = None  # learnable gain in that norm (False as in flashdiff.py)
+    # --- Shared DIFF only (our reading of the abstract, UNCONFIRMED; see model/attention.py) ---
+    shared_rank: int | None = None  # rank r of the per-map low-rank updates; default min(16, D·Hd/(4(D+Hd)))
+    shared_init: str | None = None  # "lora" (B = 0: both maps start equal) or "random"
+
+    # ------------------------------------------------------------------ derivation + validation
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        if self.attention not in ATTENTION_VARIANTS:
+            _fail("attention", f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION_VARIANTS)}")
+        if self.kernel not in KERNELS:
+            _fail("kernel", f"unknown kernel {self.kernel!r}; valid: {', '.join(KERNELS)}")
+        _check_int("vocab_size", self.vocab_size, 1)
+        _check_int("d_model", self.d_model, 1)
+        _check_int("n_layer", self.n_layer, 1, 4096)
+        _check_int("n_head", self.n_head, 1, 4096)
+        _check_int("max_seq_len", self.max_seq_len, 1)
+        _check_float("rope_theta", self.rope_theta, 1.0, 1e12, lo_open=True)
+        _check_float("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True, hi_open=True)
+        _check_float("init_std", self.init_std, 0.0, 10.0, lo_open=True)
+        _check_bool("tie_embeddings", self.tie_embeddings)
+
+        if self.n_kv_head is None:
+            set_("n_kv_head", self.n_head)
+        _check_int("n_kv_head", self.n_kv_head, 1, self.n_head)
+        if self.n_head % self.n_kv_head:
+            _fail("n_kv_head", f"must divide n_head={self.n_head} (GQA groups), got {self.n_kv_head}")
+
+        if self.head_dim is None:
+            split = 2 * self.n_head if self.attention in DIFF_V1_LIKE else self.n_head
+            what = "2*n_head" if self.attention in DIFF_V1_LIKE else "n_head"
+            if self.d_model % split:
+                _fail("d_model", f"must be divisible by {what}={split} to derive head_dim "
+                      f"(or give head_dim), got {self.d_model}")
+            set_("head_dim", self.d_model // split)
+        _check_int("head_dim", self.head_dim, 2, 1024)
+        if self.head_dim % 2:
+            _fail("head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+
+        if self.ffn_hidden is None:
+            set_("ffn_hidden", 64 * math.ceil(8 * self.d_model / 3 / 64))
+        _check_int("ffn_hidden", self.ffn_hidden, 1)
+
+        diff_v1_like = self.attention in DIFF_V1_LIKE
+        for name in _V1_FIELDS:
+            value = getattr(self, name)
+            if not diff_v1_like:
+                if value is not None:
+                    _fail(name, f"applies only to attention in {DIFF_V1_LIKE}, not {self.attention!r}")
+            elif value is None:
+                set_(name, _V1_DEFAULTS[name])
+        if diff_v1_like:
+            li = self.lambda_init
+            if isinstance(li, str):
+                if li != "depth":
+                    _fail("lambda_init", f"must be 'depth' or a number in [0, 1), got {li!r}")
+            else:
+                _check_float("lambda_init", li, 0.0, 1.0, hi_open=True)
+                set_("lambda_init", float(li))
+            _check_float("lambda_std", self.lambda_std, 0.0, 10.0)
+            _check_bool("diff_norm", self.diff_norm)
+            _check_bool("diff_norm_affine", self.diff_norm_affine)
+            if self.diff_norm_affine and not self.diff_norm:
+                _fail("diff_norm_affine", "must be false when diff_norm is false (there is no norm to scale)")
+
+        if self.attention != "shared_diff":
+            for name in _SHARED_FIELDS:
+                if getattr(self, name) is not None:
+                    _fail(name, f"applies only to attention 'shared_diff', not {self.attention!r}")
+        else:
+            if self.shared_rank is None:
+                # well below the break-even rank D·Hd / (2(D + Hd)) at which Shared DIFF saves nothing
+                hd = self.n_head * self.head_dim
+                set_("shared_rank", max(1, min(16, self.d_model * hd // (4 * (self.d_model + hd)))))
+            _check_int("shared_rank", self.shared_rank, 1, min(self.d_model, self.n_head * self.head_dim))
+            if self.shared_init is None:
+                set_("shared_init", "lora")
+            if self.shared_init not in SHARED_INITS:
+                _fail("shared_init", f"unknown {self.shared_init!r}; valid: {', '.join(SHARED_INITS)}")
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def n_rep(self) -> int:
+        """Query heads per K/V head (the GQA group size), in the variant's own head units."""
+        return self.n_head // self.n_kv_head
+
+    def layer_lambda_init(self, depth: int) -> float:
+        """λ_init of the layer at 0-based ``depth`` (DIFF V1 / Shared DIFF only)."""
+        if self.lambda_init is None:
+            raise ValueError(f"lambda_init is not defined for attention {self.attention!r}")
+        if self.lambda_init == "depth":
+            return lambda_init_for_depth(depth)
+        return float(self.lambda_init)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, derived ones included, as plain JSON-able values."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`. Unknown keys are an error, never silently ignored."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"ModelConfig: expected a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"valid: {', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except TypeError as e:  # missing required field
+            raise ValueError(f"ModelConfig: {e}") from None
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with ``changes`` (``dataclasses.replace``: derived values are kept as they are)."""
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = ["ModelConfig", "ATTENTION_VARIANTS", "KERNELS", "lambda_init_for_depth"]

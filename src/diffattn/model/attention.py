@@ -1,0 +1,269 @@
+"""Attention variants: the algebra of each paper, on top of a kernel (see kernels.py).
+
+Every variant has the constructor ``(config, layer_idx)`` and the forward contract
+
+    forward(x (B, T, D), rope, *, mask, is_causal, cache, need_weights) -> (out (B, T, D), maps)
+
+``maps`` is ``None`` unless ``need_weights`` (eager kernel only); then it is an ``AttentionMaps``
+holding the effective map each output head applies to its values (for DIFF: A1 − λ·A2) and the
+component softmax maps. λ, the subtraction and the per-head norm are written once per variant.
+
+Sources (../shared/reference/methods.md): standard and DIFF V1 §1 (arXiv 2410.05258), DIFF V2 §2
+(Microsoft blog 2026-01), Shared DIFF §3 (arXiv 2501.17900; method text unavailable, our reading).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import KVCache
+from .kernels import get_kernel
+from .layers import RMSNorm, Rotary, compute_dtype
+
+
+@dataclass
+class AttentionMaps:
+    """Attention maps of one layer (eager kernel only).
+
+    effective: (B, H_out, T, S) the weights each output head applies to its values; for DIFF
+        variants the signed differential map A1 − λ·A2 (before the per-head norm).
+    components: (B, H_out, 2, T, S) the two softmax maps of each DIFF head, or None (standard).
+    """
+
+    effective: torch.Tensor
+    components: Optional[torch.Tensor] = None
+
+
+class KeepFP32Params(nn.Module):
+    """Keeps the parameters named in ``_fp32_params`` in fp32 when the module is cast to bf16/fp16.
+
+    λ must be computed and stored in fp32 (methods.md §1.3); ``model.to(torch.bfloat16)`` would
+    otherwise round the λ vectors. Casts to fp32/fp64 and device moves apply as usual.
+    """
+
+    _fp32_params: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        saved = {n: getattr(self, n).data for n in self._fp32_params}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            p = getattr(self, name)
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = old.to(device=p.device, dtype=torch.float32)
+        return self
+
+
+class AttentionBase(KeepFP32Params):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5  # 1/√d with d the per-component q/k width
+        self.kernel = get_kernel(config.kernel)
+
+    def _attend(self, q, k, v, mask, is_causal, need_weights):
+        return self.kernel(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, need_weights=need_weights)
+
+
+class StandardAttention(AttentionBase):
+    """Multi-head / grouped-query softmax attention: the baseline Transformer."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        h, hkv, d, dm = config.n_head, config.n_kv_head, config.head_dim, config.d_model
+        self.q_proj = nn.Linear(dm, h * d, bias=False)
+        self.k_proj = nn.Linear(dm, hkv * d, bias=False)
+        self.v_proj = nn.Linear(dm, hkv * d, bias=False)
+        self.o_proj = nn.Linear(h * d, dm, bias=False)
+
+    def forward(self, x, rope: Rotary, *, mask=None, is_causal=True, cache: KVCache | None = None,
+                need_weights=False):
+        b, t, _ = x.shape
+        d = self.head_dim
+        q = rope(self.q_proj(x).view(b, t, -1, d)).transpose(1, 2)  # (B, H, T, d)
+        k = rope(self.k_proj(x).view(b, t, -1, d)).transpose(1, 2)  # (B, Hkv, T, d)
+        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, d)
+        out, probs = self._attend(q, k, v, mask, is_causal, need_weights)  # (B, H, T, d)
+        maps = AttentionMaps(probs) if need_weights else None
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), maps
+
+
+class DiffV1Attention(AttentionBase):
+    """DIFF Transformer V1 differential attention (arXiv 2410.05258, methods.md §1.2-1.5).
+
+    Per DIFF head h:  ((softmax(Q1K1ᵀ/√d) − λ·softmax(Q2K2ᵀ/√d)) V, then RMSNorm over 2d, ×(1−λ_init).
+    λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, one set of four vectors per layer, computed in fp32.
+
+    Layout (the reference code's): the query projection gives 2H sub-heads of width d, sub-heads
+    2h and 2h+1 are (Q1, Q2) of head h ("interleaved stripes"); keys give 2Hkv sub-heads with the
+    same pairing; values give Hkv heads of width 2d. Interleaved rotary is applied to every
+    sub-head. GQA follows the flash versions: component c of head h meets key component c of KV
+    head ⌊h/n_rep⌋, and both components read that KV head's 2d-wide value (not the naive file's
+    repeat of key sub-heads, which differs for n_rep > 1).
+    """
+
+    _fp32_params = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        h, hkv, d, dm = config.n_head, config.n_kv_head, config.head_dim, config.d_model
+        self.n_head = h
+        self.lambda_init = config.layer_lambda_init(layer_idx)
+        self._build_qk(config)
+        self.v_proj = nn.Linear(dm, hkv * 2 * d, bias=False)
+        self.o_proj = nn.Linear(h * 2 * d, dm, bias=False)
+        # Eq. 2 re-parameterisation vectors, N(0, lambda_std²) in fp32 (reset in init_lambdas).
+        for name in self._fp32_params:
+            setattr(self, name, nn.Parameter(torch.zeros(d, dtype=torch.float32)))
+        self.init_lambdas()
+        # Per-head RMSNorm over the 2d channels of each head ("GroupNorm" in the paper's Fig. 2).
+        self.head_norm = RMSNorm(2 * d, config.norm_eps, affine=config.diff_norm_affine) if config.diff_norm else None
+
+    def init_lambdas(self) -> None:
+        with torch.no_grad():
+            for name in self._fp32_params:
+                getattr(self, name).normal_(0.0, self.config.lambda_std)
+
+    # --- Q/K projections: the only part Shared DIFF changes -------------------------------
+    def _build_qk(self, config: ModelConfig) -> None:
+        h, hkv, d, dm = config.n_head, config.n_kv_head, config.head_dim, config.d_model
+        self.q_proj = nn.Linear(dm, 2 * h * d, bias=False)
+        self.k_proj = nn.Linear(dm, 2 * hkv * d, bias=False)
+
+    def project_qk(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return q (B, T, H, 2, d) and k (B, T, Hkv, 2, d); [..., c, :] is component c+1."""
+        b, t, _ = x.shape
+        d = self.head_dim
+        return self.q_proj(x).view(b, t, -1, 2, d), self.k_proj(x).view(b, t, -1, 2, d)
+
+    # --- λ (Eq. 2) ------------------------------------------------------------------------
+    def lambda_full(self) -> torch.Tensor:
+        """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, a 0-d fp32 (or fp64) tensor."""
+        dt = compute_dtype(self.lambda_q1.dtype)
+        l1 = torch.exp(torch.dot(self.lambda_q1.to(dt), self.lambda_k1.to(dt)))
+        l2 = torch.exp(torch.dot(self.lambda_q2.to(dt), self.lambda_k2.to(dt)))
+        return l1 - l2 + self.lambda_init
+
+    def forward(self, x, rope: Rotary, *, mask=None, is_causal=True, cache: KVCache | None = None,
+                need_weights=False):
+        b, t, _ = x.shape
+        q, k = self.project_qk(x)
+        q = rope(q.flatten(2, 3)).view_as(q)  # rotary on every d-wide sub-head (2h, 2h+1)
+        k = rope(k.flatten(2, 3)).view_as(k)
+        q1, q2 = q[:, :, :, 0].transpose(1, 2), q[:, :, :, 1].transpose(1, 2)  # (B, H, T, d)
+        k1, k2 = k[:, :, :, 0].transpose(1, 2), k[:, :, :, 1].transpose(1, 2)  # (B, Hkv, T, d)
+        v = self.v_proj(x).view(b, t, -1, 2 * self.head_dim).transpose(1, 2)  # (B, Hkv, T, 2d)
+        if cache is not None:
+            k1, k2, v = cache.update(self.layer_idx, k1, k2, v)  # (B, Hkv, S, ·)
+        a1, p1 = self._attend(q1, k1, v, mask, is_causal, need_weights)  # (B, H, T, 2d)
+        a2, p2 = self._attend(q2, k2, v, mask, is_causal, need_weights)
+        lam = self.lambda_full()
+        out = a1 - lam.to(a1.dtype) * a2  # Eq. 1: (A1 − λ·A2)·V
+        if self.head_norm is not None:
+            out = self.head_norm(out)
+        out = out * (1.0 - self.lambda_init)  # Eq. 3: aligns gradients with a Transformer
+        maps = None
+        if need_weights:
+            maps = AttentionMaps(p1 - lam.to(p1.dtype) * p2, torch.stack((p1, p2), dim=2))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), maps
+
+
+class SharedDiffAttention(DiffV1Attention):
+    """Shared DIFF Transformer (Cang et al., arXiv 2501.17900) — OUR READING, UNCONFIRMED.
+
+    Only the paper's abstract could be read ("a shared base matrix to model global patterns and
+    low-rank updates to enhance task-specific flexibility"). We implement the working hypothesis
+    of methods.md §3.3: the two maps' query and key projections are
+
+        W^Q_c = W^Q_base + A^Q_c B^Q_c,   W^K_c = W^K_base + A^K_c B^K_c,   c ∈ {1, 2},
+
+    computed as X·W_base + (X·A_c)·B_c, never materialising W_c. V, λ, the per-head RMSNorm and
+    the (1 − λ_init) factor are exactly DIFF V1's (inherited). Initialisation of A and B is an
+    explicit choice (``config.shared_init``, see ``init_weights``): "lora" (A ~ N(0, init_std²),
+    B = 0, both maps start identical and diverge as B_1 and B_2 receive different gradients) or
+    "random" (B ~ N(0, 1/r) so that A_c B_c has the scale of W_base and the maps differ at step 0).
+    """
+
+    def _build_qk(self, config: ModelConfig) -> None:
+        h, hkv, d, dm, r = config.n_head, config.n_kv_head, config.head_dim, config.d_model, config.shared_rank
+        self.q_base = nn.Linear(dm, h * d, bias=False)
+        self.k_base = nn.Linear(dm, hkv * d, bias=False)
+        self.q_down = nn.Linear(dm, 2 * r, bias=False)  # [A^Q_1 | A^Q_2]
+        self.k_down = nn.Linear(dm, 2 * r, bias=False)  # [A^K_1 | A^K_2]
+        self.q_up = nn.Parameter(torch.zeros(2, r, h * d))  # B^Q_1, B^Q_2
+        self.k_up = nn.Parameter(torch.zeros(2, r, hkv * d))  # B^K_1, B^K_2
+
+    def project_qk(self, x):
+        b, t, _ = x.shape
+        d, r = self.head_dim, self.config.shared_rank
+
+        def shared(base, down, up):
+            low = down(x).view(b, t, 2, r)  # (X·A_c) for c = 1, 2
+            upd = torch.einsum("btcr,crn->btcn", low, up.to(low.dtype))  # (X·A_c)·B_c
+            out = base(x).unsqueeze(2) + upd  # (B, T, 2, n·d)
+            return out.view(b, t, 2, -1, d).transpose(2, 3)  # (B, T, n, 2, d)
+
+        return shared(self.q_base, self.q_down, self.q_up), shared(self.k_base, self.k_down, self.k_up)
+
+
+class DiffV2Attention(AttentionBase):
+    """DIFF Transformer V2 (Microsoft blog 2026-01, methods.md §2.2).
+
+    2H query heads against Hkv shared K/V heads of width d in one ordinary GQA attention call;
+    output head i is C_{2i} − sigmoid(x W_λ)_i · C_{2i+1} with a λ per token and head. Heads 2i
+    and 2i+1 always fall in the same GQA group (Hkv divides H, so 2H/Hkv is even), which the blog
+    calls crucial. No per-head norm, no λ_init; the output projection maps H·d → D.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        h, hkv, d, dm = config.n_head, config.n_kv_head, config.head_dim, config.d_model
+        self.n_head = h
+        self.q_proj = nn.Linear(dm, 2 * h * d, bias=False)
+        self.k_proj = nn.Linear(dm, hkv * d, bias=False)
+        self.v_proj = nn.Linear(dm, hkv * d, bias=False)
+        self.lambda_proj = nn.Linear(dm, h, bias=False)  # W_λ
+        self.o_proj = nn.Linear(h * d, dm, bias=False)
+
+    def forward(self, x, rope: Rotary, *, mask=None, is_causal=True, cache: KVCache | None = None,
+                need_weights=False):
+        b, t, _ = x.shape
+        d = self.head_dim
+        q = rope(self.q_proj(x).view(b, t, -1, d)).transpose(1, 2)  # (B, 2H, T, d)
+        k = rope(self.k_proj(x).view(b, t, -1, d)).transpose(1, 2)  # (B, Hkv, T, d)
+        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        c, probs = self._attend(q, k, v, mask, is_causal, need_weights)  # (B, 2H, T, d)
+        # λ per token and head, sigmoid computed in fp32: (B, T, H) -> (B, H, T, 1)
+        lam = torch.sigmoid(self.lambda_proj(x).to(compute_dtype(x.dtype))).transpose(1, 2).unsqueeze(-1)
+        out = c[:, 0::2] - lam.to(c.dtype) * c[:, 1::2]  # (B, H, T, d)
+        maps = None
+        if need_weights:
+            p1, p2 = probs[:, 0::2], probs[:, 1::2]
+            maps = AttentionMaps(p1 - lam.to(p1.dtype) * p2, torch.stack((p1, p2), dim=2))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), maps
+
+
+ATTENTION_CLASSES: dict[str, type[AttentionBase]] = {
+    "standard": StandardAttention,
+    "diff_v1": DiffV1Attention,
+    "diff_v2": DiffV2Attention,
+    "shared_diff": SharedDiffAttention,
+}
+
+
+def build_attention(config: ModelConfig, layer_idx: int) -> AttentionBase:
+    try:
+        cls = ATTENTION_CLASSES[config.attention]
+    except KeyError:
+        raise ValueError(f"unknown attention {config.attention!r}; valid: {', '.join(ATTENTION_CLASSES)}") from None
+    return cls(config, layer_idx)

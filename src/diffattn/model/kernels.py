@@ -1,0 +1,90 @@
+"""Attention kernels: how softmax(QKᵀ·scale)V is computed. One signature for all of them.
+
+    kernel(q, k, v, *, mask, is_causal, scale, need_weights) -> (out, weights | None)
+
+    q: (B, Hq, T, d)     k: (B, Hkv, S, d)     v: (B, Hkv, S, dv)     out: (B, Hq, T, dv)
+
+* Grouped-query attention: query head j uses K/V head ⌊j / (Hq/Hkv)⌋ (the flash-attn/SDPA rule).
+* Masking: ``mask`` is a boolean "may attend" tensor broadcastable to (B, Hq, T, S), or ``None``.
+  With ``mask=None``, ``is_causal=True`` means an ordinary causal mask and requires T == S;
+  ``is_causal=False`` means every query sees every key (one decode step against a cache).
+* ``dv`` may be a multiple of ``d`` (DIFF V1 values are 2·d wide).
+* ``weights`` are the softmax maps (B, Hq, T, S); only the ``eager`` kernel can return them.
+
+Variants call a kernel and never re-implement it; the differential algebra (λ, subtraction,
+per-head norm) lives in the variants. A fused ``triton`` differential kernel (issue #8) plugs in
+here by registering another entry in ``KERNELS``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .layers import compute_dtype
+
+Kernel = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, is_causal: bool) -> None:
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} not a multiple of key/value heads {k.shape[1]}")
+    if mask is None and is_causal and q.shape[2] != k.shape[2]:
+        raise ValueError("is_causal without a mask needs as many queries as keys; pass an explicit mask")
+    if v.shape[-1] % q.shape[-1]:
+        raise ValueError(f"value width {v.shape[-1]} is not a multiple of query/key width {q.shape[-1]}")
+
+
+def eager_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=False):
+    """Reference kernel: materialises the (B, Hq, T, S) maps; softmax in fp32 (fp64 for fp64 inputs)."""
+    _check(q, k, v, mask, is_causal)
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # query head j -> K/V head j // n_rep
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    acc = compute_dtype(q.dtype)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, Hq, T, S)
+    if mask is None and is_causal:
+        t = q.shape[2]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs.to(v.dtype), v)
+    return out, (probs if need_weights else None)
+
+
+def sdpa_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=False):
+    """torch's fused scaled_dot_product_attention; never materialises T×S maps itself.
+
+    DIFF V1 values are wider than queries (dv = 2·d), which the fused SDPA back ends do not
+    accept; the *split-value trick* computes softmax(QKᵀ)[V₁ | V₂] as [softmax(QKᵀ)V₁ |
+    softmax(QKᵀ)V₂], two calls with dv = d, so the fused kernels stay eligible (the approach of
+    the authors' ``multihead_flashdiff_2.py``).
+    """
+    if need_weights:
+        raise ValueError("kernel 'sdpa' cannot return attention maps; use kernel='eager' for analysis")
+    _check(q, k, v, mask, is_causal)
+    gqa = q.shape[1] != k.shape[1]
+    causal = is_causal and mask is None
+
+    def call(v_part):
+        return F.scaled_dot_product_attention(q, k, v_part, attn_mask=mask, is_causal=causal,
+                                              scale=scale, enable_gqa=gqa)
+
+    d = q.shape[-1]
+    if v.shape[-1] == d:
+        return call(v), None
+    return torch.cat([call(part) for part in v.split(d, dim=-1)], dim=-1), None
+
+
+KERNELS: dict[str, Kernel] = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+def get_kernel(name: str) -> Kernel:
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise ValueError(f"unknown kernel {name!r}; valid: {', '.join(KERNELS)}") from None
