@@ -1,0 +1,114 @@
+"""Model directories: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json`` when trained on text).
+
+The layout is a Hugging Face model directory: ``config.json`` carries ``model_type: "diffattn"``
+and every ModelConfig field, and the safetensors keys are ``model.<DecoderLM state-dict key>``,
+which is what the transformers wrapper (``diffattn.hf``) stores, so
+``AutoModelForCausalLM.from_pretrained(dir)`` and :func:`load_model` read the same files.
+Writes are atomic: files go to a temporary sibling directory that replaces the target at the end,
+so an interrupted save never leaves a half-written model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import ModelConfig
+from .model import DecoderLM, build_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "diffattn"
+WEIGHT_PREFIX = "model."
+
+
+def config_to_json(config: ModelConfig) -> dict:
+    return {"model_type": MODEL_TYPE, "architectures": ["DiffAttnForCausalLM"], "diffattn_version": __version__,
+            **config.to_dict()}
+
+
+def config_from_json(data: dict, source: str = "config.json") -> ModelConfig:
+    if data.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{source}: model_type is {data.get('model_type')!r}, not {MODEL_TYPE!r}")
+    fields = {k: v for k, v in data.items() if k in ModelConfig.__dataclass_fields__}
+    return ModelConfig.from_dict(fields)
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return config_from_json(data, str(path))
+
+
+def state_dict_for_save(model: DecoderLM) -> dict[str, torch.Tensor]:
+    return {WEIGHT_PREFIX + k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_model(model: DecoderLM, directory: str | os.PathLike, *, tokenizer_file: str | os.PathLike | None = None,
+               extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``model`` (and optionally a tokenizer.json and small text files) to ``directory`` atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config_to_json(model.config), indent=2) + "\n")
+        save_file(state_dict_for_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_model(directory: str | os.PathLike, *, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None, kernel: str | None = None) -> DecoderLM:
+    """Load a model directory written by :func:`save_model` (or the HF wrapper's ``save_pretrained``)."""
+    directory = Path(directory)
+    config = read_config(directory)
+    if kernel is not None:
+        config = config.replace(kernel=kernel)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{weights}: cannot read safetensors ({e})") from None
+    state = {k[len(WEIGHT_PREFIX):]: v for k, v in tensors.items() if k.startswith(WEIGHT_PREFIX)}
+    with torch.device("meta"):
+        model = build_model(config)
+    missing = sorted(set(model.state_dict()) - set(state))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise ValueError(f"{weights}: weights do not match config.json "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(state, assign=True)
+    model = model.to(device=device) if device is not None else model
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.eval()
