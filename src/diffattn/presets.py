@@ -32,9 +32,9 @@ _VARIANT_FIELDS = ("lambda_init", "lambda_std", "diff_norm", "diff_norm_affine",
 SIZES: dict[str, dict[str, Any]] = {
     # tests and smoke runs: heads divisible by 6 so that every variant matches exactly
     "tiny": dict(d_model=96, n_layer=2, n_head=6, head_dim=16, ffn_hidden=256, vocab_size=512, max_seq_len=256),
-    "mini": dict(d_model=192, n_layer=4, n_head=12, n_kv_head=6, head_dim=16, vocab_size=8192, max_seq_len=512),
-    "small": dict(d_model=384, n_layer=6, n_head=12, n_kv_head=6, head_dim=32, vocab_size=8192, max_seq_len=1024),
-    "base": dict(d_model=768, n_layer=12, n_head=12, n_kv_head=6, head_dim=64, vocab_size=50257, max_seq_len=2048),
+    "mini": dict(d_model=192, n_layer=4, n_head=12, n_kv_head=4, head_dim=16, vocab_size=8192, max_seq_len=512),
+    "small": dict(d_model=384, n_layer=6, n_head=12, n_kv_head=4, head_dim=32, vocab_size=8192, max_seq_len=1024),
+    "base": dict(d_model=768, n_layer=12, n_head=12, n_kv_head=4, head_dim=64, vocab_size=50257, max_seq_len=2048),
     # DIFF paper, scaling-size suite (App. E, Table 10): seq 2048, vocab of cl100k_base
     "830M": dict(d_model=1536, n_layer=24, n_head=16, vocab_size=100288, max_seq_len=2048),
     "1.4B": dict(d_model=2048, n_layer=24, n_head=16, vocab_size=100288, max_seq_len=2048),
