@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 ATTENTION_VARIANTS = ("standard", "diff_v1", "diff_v2", "shared_diff")
-KERNELS = ("eager", "sdpa")  # "triton" registers here once the fused kernel lands (issue #8)
+KERNELS = ("eager", "sdpa", "triton")  # "triton": fused DIFF V1 kernel on GPU (model/triton_diff.py)
 DIFF_V1_LIKE = ("diff_v1", "shared_diff")
 SHARED_INITS = ("lora", "random")
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import KVCache
-from .kernels import get_kernel
+from .kernels import get_differential_kernel, get_kernel
 from .layers import RMSNorm, Rotary, compute_dtype
 
 
@@ -66,6 +66,8 @@ class AttentionBase(KeepFP32Params):
         self.head_dim = config.head_dim
         self.scale = config.head_dim ** -0.5  # 1/√d with d the per-component q/k width
         self.kernel = get_kernel(config.kernel)
+        # fused (A1 − λ·A2)·V in one pass, when the kernel has one (kernels.py; "triton" only)
+        self.diff_kernel = get_differential_kernel(config.kernel)
 
     def _attend(self, q, k, v, mask, is_causal, need_weights):
         return self.kernel(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, need_weights=need_weights)
@@ -163,10 +165,14 @@ class DiffV1Attention(AttentionBase):
         v = self.v_proj(x).view(b, t, -1, 2 * self.head_dim).transpose(1, 2)  # (B, Hkv, T, 2d)
         if cache is not None:
             k1, k2, v = cache.update(self.layer_idx, k1, k2, v)  # (B, Hkv, S, ·)
-        a1, p1 = self._attend(q1, k1, v, mask, is_causal, need_weights)  # (B, H, T, 2d)
-        a2, p2 = self._attend(q2, k2, v, mask, is_causal, need_weights)
         lam = self.lambda_full()
-        out = a1 - lam.to(a1.dtype) * a2  # Eq. 1: (A1 − λ·A2)·V
+        out = None
+        if self.diff_kernel is not None and not need_weights:  # fused: both maps in one pass, λ in its epilogue
+            out = self.diff_kernel(q1, q2, k1, k2, v, lam, mask=mask, is_causal=is_causal, scale=self.scale)
+        if out is None:
+            a1, p1 = self._attend(q1, k1, v, mask, is_causal, need_weights)  # (B, H, T, 2d)
+            a2, p2 = self._attend(q2, k2, v, mask, is_causal, need_weights)
+            out = a1 - lam.to(a1.dtype) * a2  # Eq. 1: (A1 − λ·A2)·V
         if self.head_norm is not None:
             out = self.head_norm(out)
         out = out * (1.0 - self.lambda_init)  # Eq. 3: aligns gradients with a Transformer

@@ -12,8 +12,21 @@
 * ``weights`` are the softmax maps (B, Hq, T, S); only the ``eager`` kernel can return them.
 
 Variants call a kernel and never re-implement it; the differential algebra (λ, subtraction,
-per-head norm) lives in the variants. A fused ``triton`` differential kernel (issue #8) plugs in
-here by registering another entry in ``KERNELS``.
+per-head norm) lives in the variants.
+
+Optional fused differential entry point (issue #8). A kernel may also register, in
+``DIFFERENTIAL_KERNELS``, a function
+
+    differential(q1, q2, k1, k2, v, lam, *, mask, is_causal, scale) -> out | None
+
+    q1, q2: (B, Hq, T, d)   k1, k2: (B, Hkv, S, d)   v: (B, Hkv, S, 2d)   lam: 0-d   out: (B, Hq, T, 2d)
+
+that returns softmax(Q1K1ᵀ·scale)V − λ·softmax(Q2K2ᵀ·scale)V computed in one pass (both maps share
+every loaded K/V tile), or ``None`` when it cannot serve this call (then the variant makes its two
+ordinary kernel calls). ``DiffV1Attention`` uses it when present; λ itself, the per-head norm and
+the (1 − λ_init) factor stay in the variant. Only ``triton`` has one: its plain entry is ``sdpa``
+(standard and DIFF V2 attention are ordinary grouped-query attention, which SDPA's flash back end
+already serves on GPU), and its differential entry is the fused kernel of ``triton_diff.py``.
 """
 
 from __future__ import annotations
@@ -80,7 +93,20 @@ def sdpa_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=Fa
     return torch.cat([call(part) for part in v.split(d, dim=-1)], dim=-1), None
 
 
-KERNELS: dict[str, Kernel] = {"eager": eager_attention, "sdpa": sdpa_attention}
+def triton_differential(q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale):
+    """The fused Triton differential kernel; ``None`` for an explicit mask (see triton_diff.py)."""
+    # Imported on first use: triton is optional, and TRITON_INTERPRET is read when the kernels are defined.
+    from . import triton_diff
+
+    return triton_diff.differential(q1, q2, k1, k2, v, lam, mask=mask, is_causal=is_causal, scale=scale)
+
+
+DiffKernel = Callable[..., Optional[torch.Tensor]]
+
+# "triton": standard/V2 attention (and DIFF calls with an explicit mask) go to SDPA, whose flash
+# back end is the grouped-query flash path on GPU; DIFF V1 / Shared DIFF use the fused kernel.
+KERNELS: dict[str, Kernel] = {"eager": eager_attention, "sdpa": sdpa_attention, "triton": sdpa_attention}
+DIFFERENTIAL_KERNELS: dict[str, DiffKernel] = {"triton": triton_differential}
 
 
 def get_kernel(name: str) -> Kernel:
@@ -88,3 +114,9 @@ def get_kernel(name: str) -> Kernel:
         return KERNELS[name]
     except KeyError:
         raise ValueError(f"unknown kernel {name!r}; valid: {', '.join(KERNELS)}") from None
+
+
+def get_differential_kernel(name: str) -> Optional[DiffKernel]:
+    """The fused differential entry point of kernel ``name``, or None when it has none."""
+    get_kernel(name)  # validates the name
+    return DIFFERENTIAL_KERNELS.get(name)
