@@ -17,6 +17,7 @@ from . import __version__
 # subcommand -> module providing add_parser(); listed here once that module exists
 SUBCOMMANDS: dict[str, str] = {
     "info": "diffattn.info",
+    "data": "diffattn.data.cli",
     "generate": "diffattn.generate_cli",
 }
 
