@@ -1,0 +1,553 @@
+"""Exact conversions between diffattn checkpoints and stock transformers models.
+
+* ``diff_v1``  <->  ``DiffLlamaForCausalLM`` (transformers' DIFF Transformer V1, arXiv 2410.05258)
+* ``standard`` <->  ``LlamaForCausalLM``
+
+Both sides compute the same function; only the weight layouts differ (methods.md §1.2-1.5):
+
+=========================  ===============================================  ==========================================
+                           diffattn (the authors' layout)                   transformers DiffLlama
+=========================  ===============================================  ==========================================
+query rows                 (head h, component c, dim i): sub-heads 2h, 2h+1  (c·H + h, i): component 1 = first H heads
+key rows                   (kv head g, component c, dim i)                  (c·Hkv + g, i)
+value rows                 (kv head g, 2d)                                  (c·Hkv + g, d): the two halves of g's value
+rotary                     interleaved pairs (2j, 2j+1)                     rotate-half pairs (j, j + d/2)
+per-head norm              RMSNorm(2d) with a learnable gain g              RMSNorm(2d) without gain
+λ_init                     "depth" or a constant                            0.8 − 0.6·exp(−0.3·layer), always
+=========================  ===============================================  ==========================================
+
+With Hkv K/V heads DiffLlama has ``num_key_value_heads = 2·Hkv`` (even, as it requires) and query
+head ``c·H + h`` reads K/V head ``(c·H + h) // n_rep = c·Hkv + h // n_rep``: exactly component c of
+diffattn's K/V head ``h // n_rep``, and its two value calls read the two d-wide halves of that head's
+2d-wide value. So every MHA/GQA layout of diff_v1 maps, by a permutation of projection rows:
+
+* rotary: within each d-wide (sub-)head, row ``j`` of the rotate-half layout is row ``2j`` of the
+  interleaved one and row ``j + d/2`` is ``2j + 1``. q·k is unchanged because q and k get the same
+  permutation, and the two rotations agree pair by pair (same frequencies θ^(−2j/d)).
+* sub-heads: the (h, c) → (c, h) transpose above, for q, k and v.
+* norm gain: ``o_proj(norm(x)·g·(1 − λ_init)) = (o_proj·diag(g))(norm(x)·(1 − λ_init))``, so g folds
+  into the o_proj columns (g repeated over heads) exactly.
+
+What cannot be represented is refused with one line naming the field, never exported approximately:
+``diff_norm=False`` (DiffLlama always normalises), a ``lambda_init`` other than the depth formula, any
+attention other than diff_v1 (``standard`` goes to Llama), and, on import, rotary scaling, biases,
+activations other than SiLU, or a DiffLlama whose head counts do not pair up. After writing, the
+result is loaded back with the stock class and its logits are compared with the source model's on a
+fixed batch (``verify``); a mismatch aborts and nothing is written (the output appears atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import WEIGHT_PREFIX, read_config
+from ..config import ModelConfig, lambda_init_for_depth
+from ..model import DecoderLM, build_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+EXPORT_TARGETS = ("diffllama", "llama")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VERIFY_RTOL = 1e-4  # max |Δlogit| allowed, relative to max(1, max |logit|), in float32
+
+
+class ConversionError(ValueError):
+    """A model that the target format cannot represent exactly (one line, names the field)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Row permutations
+# ---------------------------------------------------------------------------------------------
+def rotate_half_order(d: int) -> torch.Tensor:
+    """Index ``p`` with ``rotate_half_rows = interleaved_rows[p]`` for one d-wide head."""
+    return torch.cat((torch.arange(0, d, 2), torch.arange(1, d, 2)))
+
+
+def interleaved_order(d: int) -> torch.Tensor:
+    """Inverse of :func:`rotate_half_order`: ``interleaved_rows = rotate_half_rows[p]``."""
+    return torch.argsort(rotate_half_order(d))
+
+
+def _rows(w: torch.Tensor, *shape: int) -> torch.Tensor:
+    return w.reshape(*shape, w.shape[-1])
+
+
+def diff_qk_to_hf(w: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """(n, 2, d) interleaved-rotary rows -> (2, n, d) rotate-half rows (q: n=H, k: n=Hkv)."""
+    return _rows(w, n, 2, d)[:, :, rotate_half_order(d)].transpose(0, 1).reshape(w.shape).contiguous()
+
+
+def diff_qk_from_hf(w: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    return _rows(w, 2, n, d)[:, :, interleaved_order(d)].transpose(0, 1).reshape(w.shape).contiguous()
+
+
+def diff_v_to_hf(w: torch.Tensor, n_kv: int, d: int) -> torch.Tensor:
+    """(Hkv, 2d) value rows -> (2, Hkv, d): half c of K/V head g becomes DiffLlama head c·Hkv + g."""
+    return _rows(w, n_kv, 2, d).transpose(0, 1).reshape(w.shape).contiguous()
+
+
+def diff_v_from_hf(w: torch.Tensor, n_kv: int, d: int) -> torch.Tensor:
+    return _rows(w, 2, n_kv, d).transpose(0, 1).reshape(w.shape).contiguous()
+
+
+def rope_to_hf(w: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """(n, d) interleaved-rotary rows -> rotate-half rows, per head (standard q/k)."""
+    return _rows(w, n, d)[:, rotate_half_order(d)].reshape(w.shape).contiguous()
+
+
+def rope_from_hf(w: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    return _rows(w, n, d)[:, interleaved_order(d)].reshape(w.shape).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+def _common_hf_fields(cfg: ModelConfig) -> dict:
+    return {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layer, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        "attention_bias": False, "attention_dropout": 0.0, "head_dim": cfg.head_dim,
+    }
+
+
+def check_exportable(cfg: ModelConfig, to: str) -> None:
+    """Raise :class:`ConversionError` if ``cfg`` has no exact ``to`` equivalent."""
+    if to not in EXPORT_TARGETS:
+        raise ConversionError(f"--to: unknown target {to!r}; valid: {', '.join(EXPORT_TARGETS)}")
+    want = "diff_v1" if to == "diffllama" else "standard"
+    if cfg.attention != want:
+        hint = {"diff_v1": "use --to diffllama", "standard": "use --to llama"}.get(cfg.attention,
+                                                                                    "no stock transformers class has it")
+        raise ConversionError(f"attention: --to {to} needs attention {want!r}, the checkpoint has "
+                              f"{cfg.attention!r} ({hint})")
+    if to == "diffllama":
+        if not cfg.diff_norm:
+            raise ConversionError("diff_norm: false (the Table 6 ablation) cannot be exported: DiffLlama always "
+                                  "applies the per-head RMSNorm")
+        for i in range(cfg.n_layer):
+            ours, theirs = cfg.layer_lambda_init(i), lambda_init_for_depth(i)
+            if not math.isclose(ours, theirs, rel_tol=0.0, abs_tol=1e-12):
+                raise ConversionError(f"lambda_init: {cfg.lambda_init!r} gives {ours:.6g} at layer {i}; DiffLlama "
+                                      f"always uses 0.8-0.6*exp(-0.3*layer) = {theirs:.6g}")
+
+
+def diffllama_config(cfg: ModelConfig, **extra):
+    from transformers import DiffLlamaConfig
+
+    check_exportable(cfg, "diffllama")
+    return DiffLlamaConfig(**_common_hf_fields(cfg), num_attention_heads=2 * cfg.n_head,
+                           num_key_value_heads=2 * cfg.n_kv_head, lambda_std_dev=cfg.lambda_std, **extra)
+
+
+def llama_config(cfg: ModelConfig, **extra):
+    from transformers import LlamaConfig
+
+    check_exportable(cfg, "llama")
+    return LlamaConfig(**_common_hf_fields(cfg), num_attention_heads=cfg.n_head,
+                       num_key_value_heads=cfg.n_kv_head, mlp_bias=False, **extra)
+
+
+def _rope_theta(hf_cfg) -> float:
+    rp = getattr(hf_cfg, "rope_parameters", None) or {}
+    if not isinstance(rp, dict):
+        raise ConversionError(f"rope_parameters: unsupported value {rp!r}")
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type != "default":
+        raise ConversionError(f"rope_parameters.rope_type: {rope_type!r} rotary scaling is not supported by diffattn "
+                              f"(plain rotary only)")
+    theta = rp.get("rope_theta", getattr(hf_cfg, "rope_theta", None))
+    if theta is None:
+        raise ConversionError("rope_parameters.rope_theta: missing")
+    return float(theta)
+
+
+def model_config_from_hf(hf_cfg) -> ModelConfig:
+    """The diffattn ModelConfig of a DiffLlama (-> diff_v1) or Llama (-> standard) config."""
+    mt = hf_cfg.model_type
+    if mt not in ("diffllama", "llama"):
+        raise ConversionError(f"model_type: {mt!r} cannot be imported (supported: diffllama, llama)")
+    if getattr(hf_cfg, "hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act: {hf_cfg.hidden_act!r}; diffattn's FFN is SwiGLU (silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(hf_cfg, flag, False):
+            raise ConversionError(f"{flag}: true; diffattn projections have no biases")
+    n_q, n_kv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads
+    head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // n_q
+    common = dict(vocab_size=hf_cfg.vocab_size, d_model=hf_cfg.hidden_size, n_layer=hf_cfg.num_hidden_layers,
+                  head_dim=head_dim, max_seq_len=hf_cfg.max_position_embeddings, rope_theta=_rope_theta(hf_cfg),
+                  ffn_hidden=hf_cfg.intermediate_size, norm_eps=float(hf_cfg.rms_norm_eps),
+                  tie_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
+                  init_std=float(getattr(hf_cfg, "initializer_range", None) or 0.02))
+    if mt == "llama":
+        return ModelConfig(attention="standard", n_head=n_q, n_kv_head=n_kv, **common)
+    if n_q % 2 or n_kv % 2:
+        raise ConversionError(f"num_attention_heads={n_q}, num_key_value_heads={n_kv}: both must be even to pair "
+                              f"DiffLlama heads into DIFF heads (query head h with h + {n_q // 2})")
+    if n_q % n_kv:
+        raise ConversionError(f"num_key_value_heads: {n_kv} does not divide num_attention_heads={n_q}")
+    std = getattr(hf_cfg, "lambda_std_dev", None)
+    return ModelConfig(attention="diff_v1", n_head=n_q // 2, n_kv_head=n_kv // 2, lambda_init="depth",
+                       lambda_std=0.1 if std is None else float(std), diff_norm=True, diff_norm_affine=False,
+                       **common)
+
+
+# ---------------------------------------------------------------------------------------------
+# State dicts (DecoderLM keys without the "model." prefix  <->  transformers keys)
+# ---------------------------------------------------------------------------------------------
+_BLOCK = {  # ours (inside layers.i.) -> theirs (inside model.layers.i.), same tensor
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn.gate.weight": "mlp.gate_proj.weight",
+    "ffn.up.weight": "mlp.up_proj.weight",
+    "ffn.down.weight": "mlp.down_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+}
+_LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+
+
+def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """DecoderLM state dict -> DiffLlama (diff_v1) or Llama (standard) state dict."""
+    check_exportable(cfg, "diffllama" if cfg.attention == "diff_v1" else "llama")
+    h, hkv, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        for ours, theirs in _BLOCK.items():
+            out[dst + theirs] = state[src + ours]
+        q, k = state[src + "attn.q_proj.weight"], state[src + "attn.k_proj.weight"]
+        if cfg.attention == "standard":
+            out[dst + "self_attn.q_proj.weight"] = rope_to_hf(q, h, d)
+            out[dst + "self_attn.k_proj.weight"] = rope_to_hf(k, hkv, d)
+            continue
+        out[dst + "self_attn.q_proj.weight"] = diff_qk_to_hf(q, h, d)
+        out[dst + "self_attn.k_proj.weight"] = diff_qk_to_hf(k, hkv, d)
+        out[dst + "self_attn.v_proj.weight"] = diff_v_to_hf(state[src + "attn.v_proj.weight"], hkv, d)
+        o = state[src + "attn.o_proj.weight"]
+        gain = state.get(src + "attn.head_norm.weight")
+        if gain is not None:  # fold the per-head norm gain into the o_proj columns (exact)
+            o = (o.double() * gain.double().repeat(h)[None, :]).to(o.dtype)
+        out[dst + "self_attn.o_proj.weight"] = o.contiguous()
+        for name in _LAMBDAS:
+            out[dst + "self_attn." + name] = state[src + "attn." + name]
+    return out
+
+
+def hf_expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The transformers tensor names and shapes of the stock model equivalent to ``cfg``."""
+    with torch.device("meta"):
+        state = build_model(cfg).state_dict()
+    return {k: tuple(v.shape) for k, v in to_hf_state(state, cfg).items()}
+
+
+def from_hf_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """DiffLlama / Llama state dict -> DecoderLM state dict, checking names and shapes first."""
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # derived buffers
+    want = hf_expected_shapes(cfg)
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        if not torch.equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight", torch.empty(0))):
+            raise ConversionError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from "
+                                  f"model.embed_tokens.weight")
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    missing = [k for k in want if k not in tensors]
+    if missing:
+        raise ConversionError(f"{source}: missing tensor {missing[0]!r}"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    unexpected = sorted(set(tensors) - set(want))
+    if unexpected:
+        raise ConversionError(f"{source}: unexpected tensor {unexpected[0]!r}"
+                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+                              + " (not part of the architecture config.json describes)")
+    for k, shape in want.items():
+        if tuple(tensors[k].shape) != shape:
+            raise ConversionError(f"{source}: tensor {k!r} has shape {list(tensors[k].shape)} but config.json "
+                                  f"implies {list(shape)}")
+    h, hkv, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    out = {"embed.weight": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = tensors["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        for ours, theirs in _BLOCK.items():
+            out[dst + ours] = tensors[src + theirs]
+        q, k = tensors[src + "self_attn.q_proj.weight"], tensors[src + "self_attn.k_proj.weight"]
+        if cfg.attention == "standard":
+            out[dst + "attn.q_proj.weight"] = rope_from_hf(q, h, d)
+            out[dst + "attn.k_proj.weight"] = rope_from_hf(k, hkv, d)
+            continue
+        out[dst + "attn.q_proj.weight"] = diff_qk_from_hf(q, h, d)
+        out[dst + "attn.k_proj.weight"] = diff_qk_from_hf(k, hkv, d)
+        out[dst + "attn.v_proj.weight"] = diff_v_from_hf(tensors[src + "self_attn.v_proj.weight"], hkv, d)
+        for name in _LAMBDAS:
+            out[dst + "attn." + name] = tensors[src + "self_attn." + name].float()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    try:
+        if single.is_file():
+            return load_file(str(single))
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            out: dict[str, torch.Tensor] = {}
+            for f in files:
+                out.update(load_file(str(directory / f)))
+            return out
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' own error types
+        raise ValueError(f"{directory}: cannot read safetensors ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    bins = sorted(p.name for p in directory.glob("*.bin"))
+    hint = f" ({bins[0]} is pickle: load and re-save it with save_pretrained(safe_serialization=True))" if bins else ""
+    raise FileNotFoundError(f"no model.safetensors in {directory}{hint}")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _special_token_ids(src: Path, config_json: dict) -> dict[str, int | None]:
+    """bos/eos/pad ids from the source config, else eos from a tokenizer.json special token."""
+    ids = {k: config_json.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if ids["eos_token_id"] is None and (src / "tokenizer.json").is_file():
+        specials = _special_tokens(src / "tokenizer.json")
+        eos = specials.get("<|endoftext|>") if "<|endoftext|>" in specials else (
+            next(iter(specials.values())) if len(specials) == 1 else None)
+        ids["eos_token_id"] = eos
+    return ids
+
+
+def _special_tokens(tokenizer_json: Path) -> dict[str, int]:
+    try:
+        data = json.loads(tokenizer_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{tokenizer_json}: not valid JSON ({e})") from None
+    return {t["content"]: t["id"] for t in data.get("added_tokens") or [] if t.get("special")}
+
+
+def copy_tokenizer(src: Path, dst: Path, *, eos_token_id: int | None = None, bos_token_id: int | None = None,
+                   pad_token_id: int | None = None, max_len: int | None = None) -> list[str]:
+    """Copy the tokenizer files of ``src``; write a tokenizer_config.json if only tokenizer.json exists."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    if "tokenizer.json" in copied and "tokenizer_config.json" not in copied:
+        by_id = {i: s for s, i in _special_tokens(src / "tokenizer.json").items()}
+        tk = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        if max_len is not None:
+            tk["model_max_length"] = max_len
+        for name, tid in (("bos_token", bos_token_id), ("eos_token", eos_token_id), ("pad_token", pad_token_id)):
+            if tid is not None and tid in by_id:
+                tk[name] = by_id[tid]
+        (dst / "tokenizer_config.json").write_text(json.dumps(tk, indent=2) + "\n")
+        copied.append("tokenizer_config.json")
+    return copied
+
+
+def _prepare_dst(src: Path, dst: Path, overwrite: bool) -> None:
+    if not src.is_dir():
+        raise FileNotFoundError(f"SRC {src} is not a directory")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"DST {dst} is the same directory as SRC")
+    if dst.exists():
+        if not dst.is_dir():
+            raise ValueError(f"DST {dst} exists and is not a directory")
+        if any(dst.iterdir()) and not overwrite:
+            raise ValueError(f"DST {dst} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _commit_dir(tmp: Path, dst: Path) -> None:
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+
+
+def _with_tmp_dir(dst: Path, write: Callable[[Path], None]) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        write(tmp)
+        _commit_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------
+def _probe(vocab_size: int, max_len: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (2, min(16, max_len)), generator=g)
+
+
+def _check_logits(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> float:
+    diff = (ours.double() - theirs.double()).abs().max().item()
+    scale = max(1.0, ours.double().abs().max().item())
+    if not diff <= VERIFY_RTOL * scale:  # also catches NaN
+        raise ConversionError(f"verification failed: {what} logits differ by {diff:.3g} (allowed "
+                              f"{VERIFY_RTOL * scale:.3g}); nothing was written")
+    return diff
+
+
+@dataclass
+class Report:
+    src: Path
+    dst: Path
+    kind: str  # e.g. "diff_v1 -> DiffLlamaForCausalLM"
+    max_abs_diff: float | None  # verification result (None: not verified)
+    tokenizer_files: list[str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: diffattn -> stock transformers
+# ---------------------------------------------------------------------------------------------
+def export_model(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dtype: str | None = None,
+                 verify: bool = True, overwrite: bool = False) -> Report:
+    """Write ``dst``, a directory that stock transformers loads as DiffLlama/Llama, from diffattn ``src``."""
+    from .modeling import validate_model_dir  # strict config/tensor check of the source
+
+    src, dst = Path(src), Path(dst)
+    if to not in EXPORT_TARGETS:
+        raise ConversionError(f"--to: unknown target {to!r}; valid: {', '.join(EXPORT_TARGETS)}")
+    _prepare_dst(src, dst, overwrite)
+    cfg = read_config(src)
+    check_exportable(cfg, to)
+    validate_model_dir(src)
+    config_json = _read_json(src / "config.json")
+    tensors = _load_tensors(src)
+    state = {k[len(WEIGHT_PREFIX):]: v for k, v in tensors.items()}
+    hf_state = to_hf_state(state, cfg)
+    target_dtype = DTYPES[dtype] if dtype else state["embed.weight"].dtype
+    hf_state = {k: v.to(target_dtype).contiguous() for k, v in hf_state.items()}
+    special = _special_token_ids(src, config_json)
+    make = diffllama_config if to == "diffllama" else llama_config
+    hf_cfg = make(cfg, dtype=str(target_dtype).removeprefix("torch."), **special)
+    arch = "DiffLlamaForCausalLM" if to == "diffllama" else "LlamaForCausalLM"
+    hf_cfg.architectures = [arch]
+    result = Report(src, dst, f"{cfg.attention} -> {arch}", None, [])
+
+    def write(tmp: Path) -> None:
+        hf_cfg.save_pretrained(str(tmp))
+        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        result.tokenizer_files = copy_tokenizer(src, tmp, max_len=cfg.max_seq_len, **special)
+        if verify:
+            result.max_abs_diff = _verify_export(src, tmp, cfg, to)
+
+    _with_tmp_dir(dst, write)
+    return result
+
+
+def _verify_export(src: Path, out: Path, cfg: ModelConfig, to: str) -> float:
+    from transformers import DiffLlamaForCausalLM, LlamaForCausalLM
+
+    from ..checkpoint import load_model
+
+    ours = load_model(src, dtype=torch.float32, kernel="eager")
+    cls = DiffLlamaForCausalLM if to == "diffllama" else LlamaForCausalLM
+    theirs = cls.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
+    ids = _probe(cfg.vocab_size, cfg.max_seq_len)
+    with torch.no_grad():
+        return _check_logits(ours(ids), theirs(ids).logits, f"{cls.__name__} vs diffattn")
+
+
+# ---------------------------------------------------------------------------------------------
+# Import: stock transformers -> diffattn
+# ---------------------------------------------------------------------------------------------
+def import_model(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
+                 verify: bool = True, overwrite: bool = False) -> Report:
+    """Write diffattn checkpoint ``dst`` (diff_v1 / standard) from a DiffLlama / Llama directory ``src``."""
+    from transformers import AutoConfig
+
+    from .configuration import DiffAttnConfig
+    from .modeling import DiffAttnForCausalLM
+
+    src, dst = Path(src), Path(dst)
+    _prepare_dst(src, dst, overwrite)
+    config_json = _read_json(src / "config.json")
+    mt = config_json.get("model_type")
+    if mt not in ("diffllama", "llama"):
+        raise ConversionError(f"{src / 'config.json'}: model_type {mt!r} cannot be imported (supported: diffllama, "
+                              f"llama; diffattn checkpoints need no import)")
+    hf_cfg = AutoConfig.from_pretrained(str(src))
+    cfg = model_config_from_hf(hf_cfg)
+    tensors = _load_tensors(src)
+    state = from_hf_state(tensors, cfg, str(src))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.eval()
+    if dtype:
+        model = model.to(DTYPES[dtype])
+    special = {k: v for k, v in _special_token_ids(src, config_json).items() if v is not None}
+    hf = DiffAttnForCausalLM.from_decoder(model, **special)
+    hf.config.architectures = ["DiffAttnForCausalLM"]
+    arch = "DiffLlamaForCausalLM" if mt == "diffllama" else "LlamaForCausalLM"
+    result = Report(src, dst, f"{arch} -> {cfg.attention}", None, [])
+
+    def write(tmp: Path) -> None:
+        hf.save_pretrained(str(tmp))
+        result.tokenizer_files = copy_tokenizer(src, tmp, max_len=cfg.max_seq_len, **special)
+        if verify:
+            result.max_abs_diff = _verify_import(src, tmp, cfg, arch)
+
+    _with_tmp_dir(dst, write)
+    return result
+
+
+def _verify_import(src: Path, out: Path, cfg: ModelConfig, arch: str) -> float:
+    import transformers
+
+    from ..checkpoint import load_model
+
+    theirs = getattr(transformers, arch).from_pretrained(str(src), dtype=torch.float32,
+                                                         attn_implementation="eager").eval()
+    ours = load_model(out, dtype=torch.float32, kernel="eager")
+    ids = _probe(cfg.vocab_size, cfg.max_seq_len)
+    with torch.no_grad():
+        return _check_logits(ours(ids), theirs(ids).logits, f"diffattn vs {arch}")
+
+
+__all__ = ["ConversionError", "EXPORT_TARGETS", "Report", "check_exportable", "copy_tokenizer", "diffllama_config",
+           "export_model", "from_hf_state", "hf_expected_shapes", "import_model", "llama_config",
+           "model_config_from_hf", "to_hf_state"]
