@@ -17,6 +17,8 @@ from . import __version__
 # subcommand -> module providing add_parser(); listed here once that module exists
 SUBCOMMANDS: dict[str, str] = {
     "info": "diffattn.info",
+    "export": "diffattn.hf.cli_export",
+    "import": "diffattn.hf.cli_import",
     "data": "diffattn.data.cli",
     "generate": "diffattn.generate_cli",
 }
