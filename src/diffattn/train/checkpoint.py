@@ -1,0 +1,236 @@
+"""Training checkpoints: a Hugging Face model directory plus the state that makes resume exact.
+
+Layout (``OUT/checkpoints/step-000020/`` = the state after 20 optimizer steps)::
+
+    config.json               ModelConfig (model_type "diffattn")        } diffattn.checkpoint.save_model:
+    model.safetensors         full (unsharded) weights, "model.<key>"    } loadable by load_model and
+    tokenizer.json            copied from the shard directory            } transformers' from_pretrained
+    train_state.safetensors   optimizer state as tensors: "optim/<param name>/<exp_avg|exp_avg_sq|step>"
+    train_state.json          step, tokens, schedule, data position, RNG states (base64/lists),
+                              optimizer param groups, TrainConfig, world size
+
+Everything is safetensors or JSON: nothing is ever unpickled. :func:`save_checkpoint` is the one
+writer: it fills a hidden temporary directory next to the target, fsyncs it and renames it into
+place, so a directory named ``step-NNNNNN`` is always complete; then it prunes all but the last
+``keep`` checkpoints. :func:`latest_checkpoint` ignores temporary and incomplete directories.
+Weights and optimizer state are stored *full* (gathered from DDP/FSDP ranks by the trainer), keyed
+by parameter name, so a checkpoint written by N processes resumes in M.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, WEIGHT_PREFIX, read_config, save_model
+from ..config import ModelConfig
+from ..model import build_model
+
+CHECKPOINTS = "checkpoints"
+STATE_JSON = "train_state.json"
+STATE_TENSORS = "train_state.safetensors"
+STATE_FORMAT = "diffattn-train-state-v1"
+REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME, STATE_TENSORS, STATE_JSON)
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``OUT/checkpoints``, oldest first, as (step, path)."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = _STEP_DIR.match(path.name)
+        if m and path.is_dir() and all((path / f).is_file() for f in REQUIRED_FILES):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+# ---------------------------------------------------------------------- optimizer state <-> tensors
+def flatten_optimizer_state(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A full, name-keyed optimizer state dict (``torch.distributed.checkpoint.state_dict`` format:
+    ``{"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}``) as safetensors
+    tensors plus a JSON-able description (param groups and non-tensor state values)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for name, entry in osd.get("state", {}).items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{name}/{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(name, {})[key] = value
+    groups = []
+    for group in osd.get("param_groups", []):
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()})
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("optim/"):
+            continue
+        name, field = key[len("optim/"):].rsplit("/", 1)
+        state.setdefault(name, {})[field] = value
+    for name, entry in meta.get("scalars", {}).items():
+        state.setdefault(name, {}).update(entry)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta.get("param_groups", [])]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------- RNG states as JSON
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA), Python and NumPy generator states, JSON-able: the state
+    arrays as base64 of their raw bytes (int64 for the Python/NumPy Mersenne-Twister words)."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {"torch": _b64(torch.get_rng_state()),
+             "python": [py_version, _b64(torch.tensor(py_internal, dtype=torch.int64)), py_gauss],
+             "numpy": [np_state[0], _b64(torch.from_numpy(np_state[1].astype(np.int64))), int(np_state[2]),
+                       int(np_state[3]), float(np_state[4])]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(_unb64(internal).view(torch.int64).tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, _unb64(keys).view(torch.int64).numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        saved = state["cuda"]
+        for i in range(min(len(saved), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(_unb64(saved[i]), i)
+
+
+# ---------------------------------------------------------------------- the writer
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out: str | os.PathLike, step: int, *, model_config: ModelConfig,
+                    model_state: dict[str, torch.Tensor], optimizer_state: dict, train_state: dict,
+                    tokenizer_file: str | os.PathLike | None = None, keep: int | None = None) -> Path:
+    """Write ``OUT/checkpoints/step-{step:06d}/`` atomically and keep only the last ``keep``.
+
+    model_state: full model state dict (DecoderLM keys, CPU tensors); optimizer_state: full,
+    name-keyed optimizer state (see :func:`flatten_optimizer_state`); train_state: the JSON part
+    (step, tokens, scheduler, data position, RNG, TrainConfig, ...). Returns the checkpoint path.
+    """
+    root = Path(out) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        with torch.device("meta"):
+            shell = build_model(model_config)
+        shell.load_state_dict(model_state, assign=True, strict=True)
+        shutil.rmtree(tmp)  # save_model renames its own temporary directory onto this path
+        save_model(shell, tmp, tokenizer_file=tokenizer_file)
+        tensors, optim_meta = flatten_optimizer_state(optimizer_state)
+        save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": STATE_FORMAT})
+        state = {"format": STATE_FORMAT, **train_state, "step": step, "optimizer": optim_meta}
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
+        for name in (STATE_TENSORS, STATE_JSON):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for _, path in list_checkpoints(out)[:-keep]:
+            doomed = root / f".{path.name}.del-{os.getpid()}"
+            os.replace(path, doomed)  # hidden first: a crash mid-delete never leaves a partial step dir
+            shutil.rmtree(doomed, ignore_errors=True)
+    return final
+
+
+def remove_stale_temporaries(out: str | os.PathLike) -> None:
+    """Delete hidden leftovers of interrupted saves/prunes under ``OUT/checkpoints``."""
+    root = Path(out) / CHECKPOINTS
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(".step-") and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- reading
+def read_train_state(path: str | os.PathLike) -> dict:
+    """The ``train_state.json`` of a checkpoint directory (validated format)."""
+    path = Path(path) / STATE_JSON
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (not a training checkpoint)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: format is not {STATE_FORMAT!r}")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], dict, dict]:
+    """(model config, full model state dict, full optimizer state dict, train_state.json) of a checkpoint."""
+    path = Path(path)
+    config = read_config(path)
+    state = read_train_state(path)
+    try:
+        weights = load_file(str(path / WEIGHTS_NAME))
+        optim_tensors = load_file(str(path / STATE_TENSORS))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot read checkpoint tensors ({e})") from None
+    model_state = {k[len(WEIGHT_PREFIX):]: v for k, v in weights.items() if k.startswith(WEIGHT_PREFIX)}
+    return config, model_state, unflatten_optimizer_state(optim_tensors, state.get("optimizer", {})), state
+
+
+__all__ = ["CHECKPOINTS", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+           "read_train_state", "rng_state", "set_rng_state", "step_dir_name", "remove_stale_temporaries"]

@@ -1,0 +1,56 @@
+"""``diffattn train``: train a model from a TOML run file (``[model]`` + ``[train]``), resumable,
+under ``torchrun`` for DDP / FSDP2. See docs/training.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import distributed as D
+    from .config import load_run_file
+    from .trainer import Trainer, plan_run
+
+    if args.stop_at_step is not None and args.stop_at_step < 1:
+        raise ValueError(f"--stop-at-step must be a positive step number, got {args.stop_at_step}")
+    tables = load_run_file(args.config, args.set or [])
+    plan = plan_run(tables, resume=args.resume)  # validates everything; nothing written before this returns
+    trainer = Trainer(plan.model_config, plan.train_config, resume_from=plan.resume_from)
+    try:
+        info = trainer.info
+        if info.is_main:
+            cfg = plan.train_config
+            where = f"{info.world_size} x {trainer.device.type}" + (f" ({cfg.parallel})" if info.distributed else "")
+            start = f"resuming at step {trainer.step}" if plan.resume_from else "from scratch"
+            print(f"diffattn train: {plan.model_config.attention} model, {trainer.n_params:,} parameters, "
+                  f"{trainer.total_steps} steps of {trainer.tokens_per_step:,} tokens on {where}, {start}; "
+                  f"out {cfg.out}", file=sys.stderr, flush=True)
+        summary = trainer.fit(stop_at_step=args.stop_at_step)
+        if info.is_main:
+            state = "finished" if summary["finished"] else "stopped (continue with --resume)"
+            val = f", val_loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
+            print(f"{state} at step {summary['step']} ({summary['tokens']:,} tokens){val}; "
+                  f"checkpoint {summary['checkpoint']}", flush=True)
+    finally:
+        D.teardown(trainer.info)
+    return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train", help="train a model (TOML run file, --set overrides, --resume, torchrun DDP/FSDP2)",
+        description="Train a decoder LM on token shards. The run file has a [model] table (ModelConfig fields, or "
+                    "preset = NAME with attention = VARIANT) and a [train] table (TrainConfig fields, including "
+                    "data = SHARD_DIR and out = RUN_DIR). Multi-process: torchrun --nproc-per-node N -m diffattn "
+                    "train ... (DDP; --set train.parallel=fsdp for FSDP2).",
+        epilog="example: diffattn train --config configs/train-tiny.toml --set train.max_steps=50 --set model.n_layer=4")
+    p.add_argument("--config", metavar="FILE.toml", help="run file with [model] and [train] tables")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field: train.lr=1e-3, model.n_layer=4, parallel=fsdp (repeatable; TOML values)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in OUT/checkpoints")
+    p.add_argument("--stop-at-step", type=int, metavar="N",
+                   help="stop after step N with a checkpoint (as if interrupted); --resume continues the same run")
+    p.set_defaults(func=run)
+    return p

@@ -1,0 +1,417 @@
+"""The trainer: one optimizer step at a time, evaluation, checkpoints, exact resume, DDP/FSDP2.
+
+Training objective: next-token cross-entropy (fp32 logits) on windows from
+:class:`diffattn.data.loader.WindowSampler`. One optimizer step (:meth:`Trainer.train_step`):
+set the scheduled LR (a pure function of the step, ``TrainConfig.lr_at``), run ``grad_accum``
+micro-steps of this rank's slice of the step's global batch (bf16 autocast on GPU, fp32 on CPU),
+clip the global gradient norm, AdamW. Nothing in a step depends on anything but the model, the
+optimizer state and the step number, which is what makes resume exact: a checkpoint holds the
+weights, the optimizer state, the step (= data position) and the RNG states, and a run stopped at
+step k and resumed reproduces the uninterrupted run bit for bit on CPU. Under ``torchrun`` every
+rank computes on a disjoint slice of the same global batch, so N processes reproduce one process
+with gradient accumulation (up to float summation order).
+
+Use from Python::
+
+    trainer = Trainer(model_config, train_config)          # resume_from=checkpoint dir to continue
+    trainer.fit()                                          # or trainer.train_step(step) yourself
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import __version__
+from ..config import ModelConfig
+from ..data.loader import TokenShards, WindowSampler, eval_batches, n_eval_windows
+from ..model import build_model
+from . import distributed as D
+from ..checkpoint import read_config
+from .checkpoint import (latest_checkpoint, load_checkpoint, read_train_state, remove_stale_temporaries, rng_state,
+                         save_checkpoint, set_rng_state)
+from .config import TrainConfig, resolve_model_config
+from .metrics import MetricsLog, flops_per_token, lambda_values, peak_flops
+from .optim import build_optimizer, clip_grad_norm, set_lr
+
+RUN_FILE = "run.json"
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of logits (B, T, V) against targets (B, T), computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block in the backward pass (``torch.utils.checkpoint``, non-reentrant).
+    Patches each block's ``forward`` on the instance, so parameter names and state dicts are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over its micro-batches (0-d, on device; not synced)
+    grad_norm: torch.Tensor  # global gradient norm before clipping
+    lr: float
+
+
+# ---------------------------------------------------------------------- planning (validation only)
+@dataclass(frozen=True)
+class RunPlan:
+    """A validated run: nothing has been written yet."""
+
+    model_config: ModelConfig
+    train_config: TrainConfig
+    resume_from: Path | None
+
+
+def plan_run(tables: dict[str, dict], *, resume: bool = False, world_size: int | None = None) -> RunPlan:
+    """Validate a run (configs, data directory, checkpoints, batch divisibility) without side effects.
+
+    Raises ValueError / FileNotFoundError with one line naming the problem."""
+    config = TrainConfig.from_dict(tables.get("train", {}))
+    train = TokenShards(config.data, "train")
+    val = TokenShards(config.data, "val")
+    model_config = resolve_model_config(tables.get("model", {}), train.vocab_size)
+    if model_config.vocab_size < train.vocab_size:
+        raise ValueError(f"ModelConfig.vocab_size: {model_config.vocab_size} is smaller than the data's "
+                         f"vocab_size {train.vocab_size} ({Path(config.data) / 'index.json'})")
+    seq_len = config.resolved_seq_len(model_config)
+    WindowSampler(train, seq_len, config.batch_size, config.seed)  # enough train tokens for one window
+    if n_eval_windows(val, seq_len) < 1:
+        raise ValueError(f"{config.data}: split 'val' has {len(val)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    world = D.env_world_size() if world_size is None else world_size
+    if config.batch_size % (world * config.grad_accum):
+        raise ValueError(f"TrainConfig.batch_size: {config.batch_size} is not divisible by world_size*grad_accum "
+                         f"= {world}*{config.grad_accum}")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"TrainConfig.out: {out} exists and is not a directory")
+    latest = latest_checkpoint(out)
+    if resume:
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
+        saved = read_config(latest)
+        if saved != model_config:
+            diff = [k for k, v in saved.to_dict().items() if model_config.to_dict()[k] != v]
+            raise ValueError(f"--resume: the model config differs from the checkpoint {latest} "
+                             f"in {', '.join(diff)}")
+        read_train_state(latest)
+    elif latest is not None:
+        raise ValueError(f"TrainConfig.out: {out} already holds checkpoints (latest {latest.name}); "
+                         f"pass --resume to continue it or choose another out")
+    return RunPlan(model_config, config, latest if resume else None)
+
+
+# ---------------------------------------------------------------------- the trainer
+class Trainer:
+    """Builds the model, optimizer and data for one run and trains it (see the module docstring)."""
+
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, *, resume_from: str | os.PathLike | None = None,
+                 dist_info: D.DistInfo | None = None):
+        self.model_config, self.config = model_config, config
+        self.info = dist_info if dist_info is not None else D.setup(config)
+        info = self.info
+        self.out = Path(config.out)
+        self.device = info.device
+        self.train_shards = TokenShards(config.data, "train")
+        self.val_shards = TokenShards(config.data, "val")
+        self.seq_len = config.resolved_seq_len(model_config)
+        self.total_steps = config.total_steps(self.seq_len)
+        if config.batch_size % (info.world_size * config.grad_accum):
+            raise ValueError(f"TrainConfig.batch_size: {config.batch_size} is not divisible by "
+                             f"world_size*grad_accum = {info.world_size}*{config.grad_accum}")
+        self.micro_batch = config.batch_size // (info.world_size * config.grad_accum)
+        self.eval_batch_size = config.eval_batch_size or self.micro_batch
+        self.tokens_per_step = config.batch_size * self.seq_len
+        self.sampler = WindowSampler(self.train_shards, self.seq_len, config.batch_size, config.seed)
+        self.autocast_dtype = self._autocast_dtype()
+
+        torch.manual_seed(config.seed)
+        raw = build_model(model_config)
+        resumed = None
+        if resume_from is not None:
+            ckpt_config, model_state, optim_state, resumed = load_checkpoint(resume_from)
+            if ckpt_config != model_config:
+                raise ValueError(f"--resume: {resume_from} holds a different model config")
+            raw.load_state_dict(model_state, strict=True)
+        raw.to(self.device)
+        self.n_params = raw.param_counts()["total"]
+        self.flops_per_token = flops_per_token(raw, model_config, self.seq_len)
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(raw)
+        self.model = D.wrap(raw, config, info)  # what train steps call (DDP wrapper or raw)
+        self.raw = raw  # the DecoderLM itself (sharded in place under FSDP)
+        if config.compile:
+            raw.compile()
+        self.optimizer = build_optimizer(raw, config)
+        self.step, self.tokens = 0, 0
+        self.resumed_state = resumed
+        if resumed is not None:
+            D.load_full_optimizer_state(raw, self.optimizer, optim_state)
+            for group in self.optimizer.param_groups:  # hyper-parameters come from the current config
+                group["betas"] = (config.beta1, config.beta2)
+                group["eps"] = config.eps
+                group["weight_decay"] = config.weight_decay if group.get("name") == "decay" else 0.0
+            self.step, self.tokens = int(resumed["step"]), int(resumed["tokens"])
+            states = resumed.get("rng") or []
+            if states:
+                set_rng_state(states[info.rank % len(states)])
+        self.peak_flops = peak_flops(self.device, config.peak_tflops)
+        self.last_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self._stop = False
+
+    # ------------------------------------------------------------------ numerics
+    def _autocast_dtype(self) -> torch.dtype | None:
+        dtype = self.config.dtype
+        if dtype == "auto":
+            dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        return torch.bfloat16 if dtype == "bf16" else None
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, step: int) -> StepResult:
+        """Optimizer step number ``step`` (0-based): uses the LR and the global batch of ``step``.
+        Does not advance ``self.step``; :meth:`fit` does."""
+        cfg, info = self.config, self.info
+        lr = cfg.lr_at(step, self.total_steps)
+        set_lr(self.optimizer, lr)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = cfg.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(n):
+            x, y = self.sampler.batch(step, info.rank, info.world_size, micro, n)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with D.grad_sync(self.model, self.raw, cfg, info, sync=micro == n - 1):
+                with self.autocast():
+                    loss = lm_loss(self.model(x), y)
+                (loss / n).backward()
+            loss_sum += loss.detach() / n
+        grad_norm = clip_grad_norm(self.raw.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        return StepResult(loss=loss_sum, grad_norm=grad_norm, lr=lr)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss on the first ``eval_tokens`` tokens of the val split (all ranks)."""
+        info = self.info
+        self.raw.eval()
+        batches = list(eval_batches(self.val_shards, self.seq_len, self.eval_batch_size, self.config.eval_tokens))
+        # rank r takes batches r, r+W, ...; every rank runs the same number of forwards (FSDP collectives),
+        # a rank with no batch left re-runs batch 0 with weight 0
+        rounds = math.ceil(len(batches) / info.world_size)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
+        for r in range(rounds):
+            i = r * info.world_size + info.rank
+            x, y = batches[i] if i < len(batches) else batches[0]
+            with self.autocast():
+                loss = lm_loss(self.raw(x.to(self.device)), y.to(self.device), reduction="sum")
+            if i < len(batches):
+                total += torch.stack((loss.double(), torch.tensor(float(y.numel()), dtype=torch.float64,
+                                                                   device=self.device)))
+        D.all_reduce_sum(total, info)
+        self.raw.train()
+        return float(total[0] / total[1])
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path | None:
+        """Checkpoint the current step (a collective: every rank must call it; rank 0 writes)."""
+        info = self.info
+        model_state = D.full_model_state(self.raw)
+        optim_state = D.full_optimizer_state(self.raw, self.optimizer)
+        rngs = D.gather_objects(rng_state(), info)
+        path = None
+        if info.is_main:
+            train_state = {
+                "step": self.step, "tokens": self.tokens,
+                "scheduler": {"schedule": self.config.schedule, "lr": self.config.lr_at(self.step, self.total_steps),
+                              "warmup_steps": self.config.warmup_steps, "total_steps": self.total_steps},
+                "data": {"sampler": "diffattn-window-v1", "seed": self.config.seed, "next_step": self.step,
+                         "seq_len": self.seq_len, "global_batch": self.config.batch_size,
+                         "data_dir": str(self.config.data),
+                         "content_hash": self.train_shards.index.get("content_hash")},
+                "rng": rngs, "world_size": info.world_size,
+                "val_loss": self.last_val_loss,
+                "train_config": self.config.to_dict(),
+                "diffattn_version": __version__, "torch_version": torch.__version__,
+            }
+            path = save_checkpoint(self.out, self.step, model_config=self.model_config, model_state=model_state,
+                                   optimizer_state=optim_state, train_state=train_state,
+                                   tokenizer_file=self.train_shards.tokenizer_file, keep=self.config.keep_checkpoints)
+        D.barrier(info)
+        self.last_checkpoint = path
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, stop_at_step: int | None = None) -> dict:
+        """Train until ``total_steps`` (or, for an interrupted run, ``stop_at_step`` / SIGINT / SIGTERM:
+        then a checkpoint is saved and ``--resume`` continues). Returns a summary dict."""
+        cfg, info = self.config, self.info
+        target = self.total_steps if stop_at_step is None else min(self.total_steps, stop_at_step)
+        resumed_at = self.step if self.resumed_state is not None else None
+        if resumed_at is not None and self.step >= target:  # nothing left to do: write nothing
+            return self._summary()
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
+            self._write_run_file()
+        D.barrier(info)
+        log = MetricsLog(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard,
+                         resume_step=resumed_at if resumed_at is not None else -1)
+        bar = self._progress_bar()
+        evaluated_at = saved_at = None
+        try:
+            with self._stop_on_signals():
+                if self.step == 0 and cfg.eval_every > 0:
+                    self._eval_and_log(log)
+                    evaluated_at = 0
+                t0 = time.perf_counter()
+                train_time, tokens_log = 0.0, self.tokens  # tokens/s counts training steps only (no eval/saves)
+                loss_acc, n_acc = torch.zeros((), device=self.device), 0
+                while self.step < target and not self._stop_requested():
+                    t_step = time.perf_counter()
+                    result = self.train_step(self.step)
+                    train_time += time.perf_counter() - t_step
+                    self.step += 1
+                    self.tokens += self.tokens_per_step
+                    loss_acc += result.loss
+                    n_acc += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == target:
+                        if self.device.type == "cuda":  # queued GPU work belongs to the training steps
+                            t_sync = time.perf_counter()
+                            torch.cuda.synchronize(self.device)
+                            train_time += time.perf_counter() - t_sync
+                        now = time.perf_counter()
+                        loss = float(D.all_reduce_sum(loss_acc.clone(), info)) / (n_acc * info.world_size)
+                        tok_s = (self.tokens - tokens_log) / max(train_time, 1e-9)
+                        record = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss,
+                                  "lr": result.lr, "grad_norm": float(result.grad_norm), "tokens_per_s": tok_s,
+                                  "elapsed_s": now - t0}
+                        if self.peak_flops:
+                            record["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * info.world_size)
+                        lams = lambda_values(self.raw)
+                        if lams:
+                            record["lambda"] = lams
+                        log.write(record)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                        loss_acc, n_acc, train_time, tokens_log = torch.zeros((), device=self.device), 0, 0.0, self.tokens
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                        self._eval_and_log(log)
+                        evaluated_at = self.step
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save()
+                        saved_at = self.step
+                if self.step == self.total_steps and evaluated_at != self.step:
+                    self._eval_and_log(log)
+                if saved_at != self.step and (resumed_at is None or self.step != resumed_at):
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            log.close()
+        return self._summary()
+
+    def _summary(self) -> dict:
+        if self.last_val_loss is None and self.resumed_state is not None and self.step == self.resumed_state["step"]:
+            self.last_val_loss = self.resumed_state.get("val_loss")
+        return {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
+                "val_loss": self.last_val_loss, "checkpoint": str(self.last_checkpoint or latest_checkpoint(self.out)),
+                "finished": self.step >= self.total_steps}
+
+    def _eval_and_log(self, log: MetricsLog) -> None:
+        loss = self.evaluate()
+        self.last_val_loss = loss
+        log.write({"kind": "eval", "step": self.step, "tokens": self.tokens, "val_loss": loss,
+                   "val_ppl": math.exp(min(loss, 700.0)),
+                   "val_tokens": n_eval_windows(self.val_shards, self.seq_len, self.config.eval_tokens) * self.seq_len})
+
+    def _progress_bar(self):
+        if not (self.info.is_main and self.config.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        # disable=None: shown on a terminal, silent when stderr is redirected
+        return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=None,
+                    desc=f"train {self.model_config.attention}")
+
+    def _write_run_file(self) -> None:
+        record = {"model_config": self.model_config.to_dict(), "train_config": self.config.to_dict(),
+                  "seq_len": self.seq_len, "total_steps": self.total_steps, "tokens_per_step": self.tokens_per_step,
+                  "world_size": self.info.world_size, "parallel": self.config.parallel if self.info.distributed else None,
+                  "device": str(self.device), "autocast": str(self.autocast_dtype) if self.autocast_dtype else None,
+                  "params": self.n_params,
+                  "diffattn_version": __version__, "torch_version": torch.__version__}
+        tmp = self.out / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, self.out / RUN_FILE)
+
+    # ------------------------------------------------------------------ graceful stop
+    def request_stop(self) -> None:
+        """Finish the current step, checkpoint and return from :meth:`fit` (also on SIGINT/SIGTERM)."""
+        self._stop = True
+
+    def _stop_requested(self) -> bool:
+        if not self.info.distributed:
+            return self._stop
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
+        return bool(D.all_reduce_max(flag, self.info).item())  # every rank stops at the same step
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop:  # second signal: give up at once
+                raise KeyboardInterrupt
+            self._stop = True
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def train(tables: dict[str, dict], *, resume: bool = False, stop_at_step: int | None = None) -> dict:
+    """Validate, build and run a training run from ``[model]``/``[train]`` tables; returns the summary."""
+    plan = plan_run(tables, resume=resume)
+    trainer = Trainer(plan.model_config, plan.train_config, resume_from=plan.resume_from)
+    try:
+        return trainer.fit(stop_at_step=stop_at_step)
+    finally:
+        D.teardown(trainer.info)
+
+
+__all__ = ["Trainer", "StepResult", "RunPlan", "plan_run", "train", "lm_loss", "enable_activation_checkpointing"]
