@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "import": "diffattn.hf.cli_import",
     "data": "diffattn.data.cli",
     "generate": "diffattn.generate_cli",
+    "train": "diffattn.train.cli",
 }
 
 
