@@ -16,8 +16,18 @@ def _print_report(verb: str, r) -> None:
     print(f"{verb} {r.kind}: {r.dst} ({check}; tokenizer files: {tok})")
 
 
+def _quiet_transformers() -> None:
+    """No progress bars or info logs from transformers in our one-line command output."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def run(args: argparse.Namespace) -> int:
     from .convert import export_model
+
+    _quiet_transformers()
 
     r = export_model(args.src, args.dst, args.to, dtype=args.dtype, verify=not args.no_verify,
                      overwrite=args.overwrite)

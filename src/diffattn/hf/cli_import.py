@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_export import _print_report, add_common
+from .cli_export import _print_report, _quiet_transformers, add_common
 
 
 def run(args: argparse.Namespace) -> int:
     from .convert import import_model
+
+    _quiet_transformers()
 
     r = import_model(args.src, args.dst, dtype=args.dtype, verify=not args.no_verify, overwrite=args.overwrite)
     _print_report("imported", r)

@@ -52,10 +52,9 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import WEIGHT_PREFIX, read_config
 from ..config import ModelConfig, lambda_init_for_depth
-from ..model import DecoderLM, build_model
+from ..model import build_model
+from .tokenizer import copy_tokenizer, special_token_ids
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 EXPORT_TARGETS = ("diffllama", "llama")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VERIFY_RTOL = 1e-4  # max |Δlogit| allowed, relative to max(1, max |logit|), in float32
@@ -336,46 +335,6 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _special_token_ids(src: Path, config_json: dict) -> dict[str, int | None]:
-    """bos/eos/pad ids from the source config, else eos from a tokenizer.json special token."""
-    ids = {k: config_json.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    if ids["eos_token_id"] is None and (src / "tokenizer.json").is_file():
-        specials = _special_tokens(src / "tokenizer.json")
-        eos = specials.get("<|endoftext|>") if "<|endoftext|>" in specials else (
-            next(iter(specials.values())) if len(specials) == 1 else None)
-        ids["eos_token_id"] = eos
-    return ids
-
-
-def _special_tokens(tokenizer_json: Path) -> dict[str, int]:
-    try:
-        data = json.loads(tokenizer_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{tokenizer_json}: not valid JSON ({e})") from None
-    return {t["content"]: t["id"] for t in data.get("added_tokens") or [] if t.get("special")}
-
-
-def copy_tokenizer(src: Path, dst: Path, *, eos_token_id: int | None = None, bos_token_id: int | None = None,
-                   pad_token_id: int | None = None, max_len: int | None = None) -> list[str]:
-    """Copy the tokenizer files of ``src``; write a tokenizer_config.json if only tokenizer.json exists."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
-    if "tokenizer.json" in copied and "tokenizer_config.json" not in copied:
-        by_id = {i: s for s, i in _special_tokens(src / "tokenizer.json").items()}
-        tk = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        if max_len is not None:
-            tk["model_max_length"] = max_len
-        for name, tid in (("bos_token", bos_token_id), ("eos_token", eos_token_id), ("pad_token", pad_token_id)):
-            if tid is not None and tid in by_id:
-                tk[name] = by_id[tid]
-        (dst / "tokenizer_config.json").write_text(json.dumps(tk, indent=2) + "\n")
-        copied.append("tokenizer_config.json")
-    return copied
-
-
 def _prepare_dst(src: Path, dst: Path, overwrite: bool) -> None:
     if not src.is_dir():
         raise FileNotFoundError(f"SRC {src} is not a directory")
@@ -460,7 +419,7 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dty
     hf_state = to_hf_state(state, cfg)
     target_dtype = DTYPES[dtype] if dtype else state["embed.weight"].dtype
     hf_state = {k: v.to(target_dtype).contiguous() for k, v in hf_state.items()}
-    special = _special_token_ids(src, config_json)
+    special = special_token_ids(src, config_json)
     make = diffllama_config if to == "diffllama" else llama_config
     hf_cfg = make(cfg, dtype=str(target_dtype).removeprefix("torch."), **special)
     arch = "DiffLlamaForCausalLM" if to == "diffllama" else "LlamaForCausalLM"
@@ -499,7 +458,6 @@ def import_model(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     """Write diffattn checkpoint ``dst`` (diff_v1 / standard) from a DiffLlama / Llama directory ``src``."""
     from transformers import AutoConfig
 
-    from .configuration import DiffAttnConfig
     from .modeling import DiffAttnForCausalLM
 
     src, dst = Path(src), Path(dst)
@@ -509,7 +467,11 @@ def import_model(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     if mt not in ("diffllama", "llama"):
         raise ConversionError(f"{src / 'config.json'}: model_type {mt!r} cannot be imported (supported: diffllama, "
                               f"llama; diffattn checkpoints need no import)")
-    hf_cfg = AutoConfig.from_pretrained(str(src))
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(src))
+    except Exception as e:  # transformers' own validation errors come in several types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{src / 'config.json'}: transformers cannot read it ({msg})") from None
     cfg = model_config_from_hf(hf_cfg)
     tensors = _load_tensors(src)
     state = from_hf_state(tensors, cfg, str(src))
@@ -519,7 +481,7 @@ def import_model(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
     model.eval()
     if dtype:
         model = model.to(DTYPES[dtype])
-    special = {k: v for k, v in _special_token_ids(src, config_json).items() if v is not None}
+    special = {k: v for k, v in special_token_ids(src, config_json).items() if v is not None}
     hf = DiffAttnForCausalLM.from_decoder(model, **special)
     hf.config.architectures = ["DiffAttnForCausalLM"]
     arch = "DiffLlamaForCausalLM" if mt == "diffllama" else "LlamaForCausalLM"
