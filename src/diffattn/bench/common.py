@@ -1,0 +1,246 @@
+"""Shared pieces of ``diffattn bench``: the compared shapes, timing, memory, environment, output.
+
+Timing: every row is warmed up, then timed ``repeats`` times *round-robin* (one repeat of each row,
+then the next), so slow phases of a shared machine hit every row alike; CUDA is synchronised around
+each timed call. A row reports the median and the spread (min, max, quartiles) of its repeats, and
+its ratio to the baseline row (the standard Transformer at the same shape).
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` around one step after a reset. On CPU, torch
+has no allocator statistics (and tracemalloc does not see its allocations), so each row is run in a
+fresh child process and we report that child's peak resident set size (``getrusage`` ru_maxrss)
+minus its RSS just before building the model: parameters, gradients, optimizer state and the
+activations of the step, plus allocator overhead. A fresh process per row keeps one row's freed
+memory from hiding the next row's peak.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import presets
+from ..cli import UsageError
+from ..config import ATTENTION_VARIANTS, ModelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REFERENCE_ROWS = ("authors_split_value", "diffllama")  # extra rows, beside our variants
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The baseline Transformer every row is matched to (``n_head`` standard heads of ``head_dim``)."""
+
+    batch: int
+    seq_len: int
+    d_model: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    n_layer: int
+    vocab_size: int
+    max_seq_len: int
+
+
+def check_args(args) -> None:
+    """Validate the options every bench shares; raises UsageError (one line, exit 2)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
+    if args.kernel == "triton" and args.device != "cuda":
+        raise UsageError("--kernel triton runs on a GPU; use --device cuda (on CPU use sdpa or eager)")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in ATTENTION_VARIANTS]
+    if bad or not variants:
+        raise UsageError(f"--variants: unknown variant {bad[0] if bad else '(none)'!r}; valid: {', '.join(ATTENTION_VARIANTS)}")
+    args.variant_list = list(dict.fromkeys(["standard", *variants]))  # the baseline always runs, first
+    for name in ("batch", "d_model", "n_head", "n_layer", "vocab_size", "warmup", "repeats", "new_tokens"):
+        values = getattr(args, name, None)
+        lo = 0 if name == "warmup" else 1
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < lo:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= {lo}, got {value}")
+    extra = getattr(args, "new_tokens", 0) or 0  # generate: the cache holds prompt + new tokens
+    if args.max_seq_len is None:
+        args.max_seq_len = max(args.seq_len) + extra
+    for t in args.seq_len:
+        if t < 2:
+            raise UsageError(f"--seq-len must be >= 2, got {t}")
+        if t + extra > args.max_seq_len:
+            what = f"--seq-len {t} + --new-tokens {extra}" if extra else f"--seq-len {t}"
+            raise UsageError(f"{what} exceeds --max-seq-len {args.max_seq_len}")
+    if args.n_kv_head is None:
+        args.n_kv_head = args.n_head
+    if args.head_dim is None:
+        if args.d_model % args.n_head:
+            raise UsageError(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head} (or give --head-dim)")
+        args.head_dim = args.d_model // args.n_head
+    if args.n_head % 2 or args.n_kv_head % 2:
+        raise UsageError(f"--n-head/--n-kv-head must be even (a DIFF head replaces two standard heads), "
+                         f"got {args.n_head}/{args.n_kv_head}")
+    if args.kernel is None:
+        args.kernel = "triton" if args.device == "cuda" else "sdpa"
+    args.torch_dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+
+
+def shape_for(args, seq_len: int, batch: int | None = None) -> Shape:
+    return Shape(batch=batch if batch is not None else args.batch, seq_len=seq_len, d_model=args.d_model, n_head=args.n_head,
+                 n_kv_head=args.n_kv_head, head_dim=args.head_dim, n_layer=getattr(args, "n_layer", 1),
+                 vocab_size=getattr(args, "vocab_size", 256), max_seq_len=args.max_seq_len)
+
+
+def variant_config(shape: Shape, variant: str, kernel: str) -> tuple[ModelConfig, str]:
+    """(config, how it is matched). Parameter-matched (presets.matched) where the head counts allow;
+    DIFF V2 with a baseline whose head count is not a multiple of 3 falls back to the same *query*
+    width (n_head/2 output heads, i.e. n_head query heads: the blog's "identical kernel speed" pair)."""
+    try:
+        base = ModelConfig(attention="standard", vocab_size=shape.vocab_size, d_model=shape.d_model,
+                           n_layer=shape.n_layer, n_head=shape.n_head, n_kv_head=shape.n_kv_head,
+                           head_dim=shape.head_dim, max_seq_len=shape.max_seq_len, kernel=kernel)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if variant == "standard":
+        return base, "baseline"
+    try:
+        return presets.matched(base, variant), "parameters"
+    except ValueError:
+        if variant != "diff_v2":
+            raise
+    h = shape.n_head // 2
+    kv = h if shape.n_kv_head == shape.n_head else shape.n_kv_head
+    if h % kv:
+        raise UsageError(f"diff_v2 with {h} output heads cannot share {kv} K/V heads; change --n-kv-head")
+    return ModelConfig.from_dict({**base.to_dict(), "attention": "diff_v2", "n_head": h, "n_kv_head": kv}), "query width"
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Timing:
+    times: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        ts = sorted(self.times)
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        return dict(median_s=statistics.median(ts), min_s=ts[0], max_s=ts[-1], q1_s=q[0], q3_s=q[2],
+                    repeats=len(ts), times_s=[round(t, 6) for t in self.times])
+
+
+def round_robin(rows: dict[str, Callable[[], None]], *, warmup: int, repeats: int, device: str,
+                progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Time each callable: ``warmup`` untimed calls each, then ``repeats`` rounds over all rows."""
+    if progress:
+        progress(f"warm-up ({warmup} per row, {len(rows)} rows)")
+    for name, fn in rows.items():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+    timings = {name: Timing() for name in rows}
+    for r in range(repeats):
+        if progress:
+            progress(f"repeat {r + 1}/{repeats}")
+        for name, fn in rows.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            timings[name].times.append(time.perf_counter() - t0)
+    return {name: t.summary() for name, t in timings.items()}
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def environment(device: str) -> dict:
+    info = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                command="diffattn " + " ".join(sys.argv[1:]) if sys.argv and "diffattn" in Path(sys.argv[0]).name
+                else " ".join(sys.argv),
+                python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
+                cpu=_cpu_name(), cpu_threads=torch.get_num_threads(), device=device)
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if hasattr(os, "getloadavg"):
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------- output
+def write_json(path: str | None, payload: dict) -> None:
+    """Write atomically (temp file in the target directory, then rename)."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"--json {path}: is a directory")
+    if not target.parent.exists():
+        raise UsageError(f"--json {path}: directory {target.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(title)
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print()
+
+
+def fmt_ms(s: dict) -> str:
+    return f"{s['median_s'] * 1e3:.1f} [{s['min_s'] * 1e3:.1f}-{s['max_s'] * 1e3:.1f}]"
+
+
+def log(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def options(args) -> dict:
+    """The resolved command-line options, for the JSON record."""
+    keys = ("device", "dtype", "kernel", "batch", "seq_len", "new_tokens", "d_model", "n_head", "n_kv_head",
+            "head_dim", "n_layer", "vocab_size", "max_seq_len", "warmup", "repeats", "compile", "references",
+            "variant_list", "memory", "peak_tflops")
+    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
