@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import WEIGHT_PREFIX, read_config
 from ..config import ModelConfig, lambda_init_for_depth
-from ..model import build_model
+from ..model import DecoderLM, build_model
 from .tokenizer import copy_tokenizer, special_token_ids
 
 EXPORT_TARGETS = ("diffllama", "llama")
@@ -401,9 +401,29 @@ class Report:
 # ---------------------------------------------------------------------------------------------
 # Export: diffattn -> stock transformers
 # ---------------------------------------------------------------------------------------------
+def _check_file(path: Path, mapped: dict[str, torch.Tensor], dtype: torch.dtype, prefix: str = "") -> None:
+    """The written safetensors hold exactly ``mapped`` cast to ``dtype`` (names, shapes, values)."""
+    written = load_file(str(path))
+    want = {prefix + k: v for k, v in mapped.items()}
+    if set(written) != set(want):
+        bad = sorted(set(written) ^ set(want))[0]
+        raise ConversionError(f"verification failed: {path.name} has a different tensor set ({bad!r}); nothing was written")
+    for k, v in want.items():
+        expect = v if v.dtype == torch.float32 and "lambda_" in k and prefix else v.to(dtype)
+        if written[k].dtype != expect.dtype or not torch.equal(written[k], expect):
+            raise ConversionError(f"verification failed: {path.name} tensor {k!r} is not what was converted; "
+                                  f"nothing was written")
+
+
 def export_model(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dtype: str | None = None,
                  verify: bool = True, overwrite: bool = False) -> Report:
-    """Write ``dst``, a directory that stock transformers loads as DiffLlama/Llama, from diffattn ``src``."""
+    """Write ``dst``, a directory that stock transformers loads as DiffLlama/Llama, from diffattn ``src``.
+
+    The mapping is computed in float32 (exact for bf16/fp16 sources) and cast to ``dtype`` (default:
+    the source's) when written. ``verify``: the written config + weights are loaded back with the stock
+    class; its tensors must equal the converted ones exactly, and its float32 logits (mapping computed
+    in float32) must equal the source model's on a fixed probe batch.
+    """
     from .modeling import validate_model_dir  # strict config/tensor check of the source
 
     src, dst = Path(src), Path(dst)
@@ -415,10 +435,9 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dty
     validate_model_dir(src)
     config_json = _read_json(src / "config.json")
     tensors = _load_tensors(src)
-    state = {k[len(WEIGHT_PREFIX):]: v for k, v in tensors.items()}
-    hf_state = to_hf_state(state, cfg)
-    target_dtype = DTYPES[dtype] if dtype else state["embed.weight"].dtype
-    hf_state = {k: v.to(target_dtype).contiguous() for k, v in hf_state.items()}
+    state = {k[len(WEIGHT_PREFIX):]: v.float() for k, v in tensors.items()}
+    target_dtype = DTYPES[dtype] if dtype else tensors[WEIGHT_PREFIX + "embed.weight"].dtype
+    hf_state = to_hf_state(state, cfg)  # float32
     special = special_token_ids(src, config_json)
     make = diffllama_config if to == "diffllama" else llama_config
     hf_cfg = make(cfg, dtype=str(target_dtype).removeprefix("torch."), **special)
@@ -428,26 +447,36 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dty
 
     def write(tmp: Path) -> None:
         hf_cfg.save_pretrained(str(tmp))
-        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: v.to(target_dtype).contiguous() for k, v in hf_state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         result.tokenizer_files = copy_tokenizer(src, tmp, max_len=cfg.max_seq_len, **special)
         if verify:
-            result.max_abs_diff = _verify_export(src, tmp, cfg, to)
+            _check_file(tmp / "model.safetensors", hf_state, target_dtype)
+            result.max_abs_diff = _verify_export(state, hf_state, tmp, cfg, arch)
 
     _with_tmp_dir(dst, write)
     return result
 
 
-def _verify_export(src: Path, out: Path, cfg: ModelConfig, to: str) -> float:
-    from transformers import DiffLlamaForCausalLM, LlamaForCausalLM
+def _decoder(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> DecoderLM:
+    with torch.device("meta"):
+        model = build_model(cfg.replace(kernel="eager"))
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.float().eval()
 
-    from ..checkpoint import load_model
 
-    ours = load_model(src, dtype=torch.float32, kernel="eager")
-    cls = DiffLlamaForCausalLM if to == "diffllama" else LlamaForCausalLM
-    theirs = cls.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
+def _verify_export(state, hf_state, out: Path, cfg: ModelConfig, arch: str) -> float:
+    import transformers
+
+    theirs = getattr(transformers, arch).from_pretrained(str(out), dtype=torch.float32,
+                                                         attn_implementation="eager").eval()
+    missing, unexpected = theirs.load_state_dict(hf_state, strict=False)  # the float32 mapping
+    if unexpected or any(k != "lm_head.weight" or not cfg.tie_embeddings for k in missing):
+        raise ConversionError(f"verification failed: {arch} does not take tensors {sorted(unexpected)[:2]} / "
+                              f"lacks {sorted(missing)[:2]}; nothing was written")
     ids = _probe(cfg.vocab_size, cfg.max_seq_len)
     with torch.no_grad():
-        return _check_logits(ours(ids), theirs(ids).logits, f"{cls.__name__} vs diffattn")
+        return _check_logits(_decoder(cfg, state)(ids), theirs(ids).logits, f"{arch} vs diffattn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +484,11 @@ def _verify_export(src: Path, out: Path, cfg: ModelConfig, to: str) -> float:
 # ---------------------------------------------------------------------------------------------
 def import_model(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
                  verify: bool = True, overwrite: bool = False) -> Report:
-    """Write diffattn checkpoint ``dst`` (diff_v1 / standard) from a DiffLlama / Llama directory ``src``."""
+    """Write diffattn checkpoint ``dst`` (diff_v1 / standard) from a DiffLlama / Llama directory ``src``.
+
+    As :func:`export_model`: mapping in float32, written in ``dtype`` (default: the source's; the λ
+    vectors stay float32 as diffattn keeps them), verified against the stock class in float32.
+    """
     from transformers import AutoConfig
 
     from .modeling import DiffAttnForCausalLM
@@ -474,15 +507,15 @@ def import_model(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
         raise ValueError(f"{src / 'config.json'}: transformers cannot read it ({msg})") from None
     cfg = model_config_from_hf(hf_cfg)
     tensors = _load_tensors(src)
-    state = from_hf_state(tensors, cfg, str(src))
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model.load_state_dict(state, assign=True, strict=True)
-    model.eval()
-    if dtype:
-        model = model.to(DTYPES[dtype])
+    target_dtype = DTYPES[dtype] if dtype else tensors.get("model.embed_tokens.weight", torch.empty(0)).dtype
+    if target_dtype not in DTYPES.values():
+        raise ConversionError(f"{src}: weights are {target_dtype}; pass --dtype float32|bfloat16|float16")
+    hf_state = {k: v.float() for k, v in tensors.items()}
+    state = from_hf_state(hf_state, cfg, str(src))  # float32
+    model = _decoder(cfg, state).to(target_dtype)  # λ vectors stay float32 (KeepFP32Params)
     special = {k: v for k, v in special_token_ids(src, config_json).items() if v is not None}
-    hf = DiffAttnForCausalLM.from_decoder(model, **special)
+    hf = DiffAttnForCausalLM.from_decoder(model.eval(), **special)
+    hf.config.kernel = cfg.kernel  # the model above was built with the eager kernel for verification
     hf.config.architectures = ["DiffAttnForCausalLM"]
     arch = "DiffLlamaForCausalLM" if mt == "diffllama" else "LlamaForCausalLM"
     result = Report(src, dst, f"{arch} -> {cfg.attention}", None, [])
@@ -491,23 +524,24 @@ def import_model(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
         hf.save_pretrained(str(tmp))
         result.tokenizer_files = copy_tokenizer(src, tmp, max_len=cfg.max_seq_len, **special)
         if verify:
-            result.max_abs_diff = _verify_import(src, tmp, cfg, arch)
+            _check_file(tmp / "model.safetensors", state, target_dtype, prefix=WEIGHT_PREFIX)
+            if read_config(tmp) != cfg:
+                raise ConversionError("verification failed: the written config.json is not the converted config; "
+                                      "nothing was written")
+            result.max_abs_diff = _verify_import(src, state, cfg, arch)
 
     _with_tmp_dir(dst, write)
     return result
 
 
-def _verify_import(src: Path, out: Path, cfg: ModelConfig, arch: str) -> float:
+def _verify_import(src: Path, state, cfg: ModelConfig, arch: str) -> float:
     import transformers
-
-    from ..checkpoint import load_model
 
     theirs = getattr(transformers, arch).from_pretrained(str(src), dtype=torch.float32,
                                                          attn_implementation="eager").eval()
-    ours = load_model(out, dtype=torch.float32, kernel="eager")
     ids = _probe(cfg.vocab_size, cfg.max_seq_len)
     with torch.no_grad():
-        return _check_logits(ours(ids), theirs(ids).logits, f"diffattn vs {arch}")
+        return _check_logits(_decoder(cfg, state)(ids), theirs(ids).logits, f"diffattn vs {arch}")
 
 
 __all__ = ["ConversionError", "EXPORT_TARGETS", "Report", "check_exportable", "copy_tokenizer", "diffllama_config",
