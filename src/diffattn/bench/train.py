@@ -191,9 +191,11 @@ def run(args) -> int:
                           f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"]
             if mem:
                 r.update(memory=mem[n], ratio_peak_memory=mem[n]["peak_bytes"] / mem[base]["peak_bytes"],
-                         ratio_step_growth=mem[n]["step_growth_bytes"] / mem[base]["step_growth_bytes"])
+                         ratio_step_growth=(mem[n]["step_growth_bytes"] / mem[base]["step_growth_bytes"]
+                                            if mem[base]["step_growth_bytes"] > 0 else None))
                 cells += [f"{mem[n]['peak_bytes'] / 2**20:,.0f}", f"{r['ratio_peak_memory']:.3f}",
-                          f"{mem[n]['step_growth_bytes'] / 2**20:,.0f}", f"{r['ratio_step_growth']:.3f}"]
+                          f"{mem[n]['step_growth_bytes'] / 2**20:,.0f}",
+                          f"{r['ratio_step_growth']:.3f}" if r["ratio_step_growth"] is not None else "-"]
             results.append(r)
             table.append(cells)
         header = ["row", "params"] + (["step ms", "tokens/s", "vs std", "MFU"] if timed else []) \
