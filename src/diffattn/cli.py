@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "diffattn.generate_cli",
     "train": "diffattn.train.cli",
     "bench": "diffattn.bench.cli",
+    "adapt": "diffattn.dex.cli",
 }
 
 

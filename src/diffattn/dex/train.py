@@ -1,0 +1,157 @@
+"""DEX adaptation training loop: AdamW on the adapter (or more, ``--train``), the λ schedule over T steps.
+
+Per optimizer step t (0-based): the schedule position of every wrapper is set to t (λ(0) = 0, so the
+first step only moves what does not depend on W_D), the batch of step t is a pure function of
+(seed, t) (``diffattn.data.loader.WindowSampler``), the loss is next-token cross-entropy, gradients
+are clipped, and the learning rate follows a linear warm-up then a cosine decay to 10 %. After the
+last step the schedule position is set to the number of steps taken: that is the λ the adapter keeps.
+Progress: a tqdm bar and ``metrics.jsonl`` (one JSON object per logged step and per evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .surgery import DEXOutputProjection, adapter_modules, configure_trainable, set_dex_step
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    steps: int
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    train_mode: str = "dex"
+    eval_every: int = 0           # 0 = only before and after
+    val_tokens: int = 32_768
+    log_every: int = 10
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    if s.warmup_steps and step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    span = max(1, s.steps - s.warmup_steps)
+    progress = min(1.0, (step - s.warmup_steps) / span)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches) -> dict:
+    """Mean next-token loss (and perplexity) over validation batches."""
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    device = next(model.parameters()).device
+    for x, y in batches:
+        logits = model(input_ids=x.to(device), use_cache=False).logits
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum"))
+        n += y.numel()
+    model.train(was)
+    if n == 0:
+        raise ValueError("no validation tokens")
+    loss = total / n
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
+
+
+def lambda_values(model: nn.Module) -> dict[int, float]:
+    out = {}
+    for m in adapter_modules(model):
+        if isinstance(m, DEXOutputProjection):
+            lam = m.current_lambda()
+            out[m.layer_idx] = float(lam.detach()) if torch.is_tensor(lam) else float(lam)
+    return out
+
+
+def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_path: Path | None = None,
+                  progress: bool = True, log=print) -> dict:
+    """Train in place; ``data`` provides ``batch(step)`` and ``val_batches(max_tokens)``. Returns a summary."""
+    params = configure_trainable(model, settings.train_mode)
+    n_trainable = sum(p.numel() for p in params)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=settings.lr, betas=(settings.beta1, settings.beta2))
+    device = next(model.parameters()).device
+    metrics = open(metrics_path, "a") if metrics_path else None
+
+    def emit(rec: dict):
+        if metrics:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+
+    set_dex_step(model, 0)
+    before = evaluate(model, data.val_batches(settings.val_tokens))
+    emit({"step": 0, "tokens": 0, **before})
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=settings.steps, desc="dex", unit="step", dynamic_ncols=True)
+    t0, tokens, history = time.time(), 0, []
+    model.train()
+    try:
+        for step in range(settings.steps):
+            set_dex_step(model, step)
+            lr = lr_at(step, settings)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = data.batch(step)
+            x, y = x.to(device), y.to(device)
+            loss = lm_loss(model, x, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip if settings.grad_clip > 0 else float("inf")))
+            opt.step()
+            tokens += y.numel()
+            loss_value = loss.item()
+            history.append(loss_value)
+            lams = lambda_values(model)
+            lam_mean = sum(lams.values()) / len(lams) if lams else None
+            if step % settings.log_every == 0 or step == settings.steps - 1:
+                emit({"step": step + 1, "tokens": tokens, "loss": loss_value, "lr": lr, "grad_norm": gnorm,
+                      "lambda_mean": lam_mean, "elapsed_s": round(time.time() - t0, 2)})
+            if settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < settings.steps:
+                set_dex_step(model, step + 1)
+                emit({"step": step + 1, "tokens": tokens, **evaluate(model, data.val_batches(settings.val_tokens))})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", lam=f"{lam_mean:.3f}" if lam_mean is not None else "-")
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.time() - t0
+    set_dex_step(model, settings.steps)
+    model.eval()
+    after = evaluate(model, data.val_batches(settings.val_tokens))
+    emit({"step": settings.steps, "tokens": tokens, **after, "elapsed_s": round(elapsed, 2)})
+    if metrics:
+        metrics.close()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {"steps": settings.steps, "tokens": tokens, "trainable_params": n_trainable,
+            "train_loss_first": history[0] if history else None,
+            "train_loss_last10": sum(history[-10:]) / len(history[-10:]) if history else None,
+            "val_before": before, "val_after": after, "elapsed_s": round(elapsed, 2),
+            "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+            "lambda": {str(k): round(v, 6) for k, v in lambda_values(model).items()}}
