@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "import": "diffattn.hf.cli_import",
     "data": "diffattn.data.cli",
     "generate": "diffattn.generate_cli",
+    "eval": "diffattn.eval.cli",
     "train": "diffattn.train.cli",
     "bench": "diffattn.bench.cli",
     "adapt": "diffattn.dex.cli",
