@@ -18,7 +18,7 @@ from diffattn import build_model
 from diffattn.checkpoint import load_model
 from diffattn.cli import main
 from diffattn.config import ModelConfig
-from diffattn.train import RECIPES, TrainConfig, Trainer, load_run_file, plan_run, resolve_model_config
+from diffattn.train import RECIPES, TrainConfig, Trainer, load_run_file, plan_run, resolve_model_config, train
 from diffattn.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from diffattn.train.metrics import flops_per_token, read_metrics
 from diffattn.train.optim import param_groups
@@ -263,6 +263,9 @@ def test_exact_resume_is_bit_identical(straight, corpus, tmp_path, capsys):
     rc, stdout, _ = cli(capsys, "--config", cfg, "--resume")
     assert rc == 0 and "finished at step 20" in stdout
     assert len(read_metrics(out)) == len(read_metrics(ref_out))
+    # training fields may change on resume (here: train longer); the change is reported
+    rc, stdout, err = cli(capsys, "--config", cfg, "--resume", "--set", "train.max_steps=22")
+    assert rc == 0 and "finished at step 22" in stdout and "changed since the checkpoint: max_steps" in err
 
 
 def test_checkpoint_reloads_into_an_identical_model(straight):
@@ -399,3 +402,29 @@ def test_existing_checkpoints_need_resume_and_the_same_model(straight, corpus, t
     rc, _, err = cli(capsys, "--config", cfg, "--resume", "--set", "model.n_layer=3")
     assert rc == 2 and "model config differs" in err and "n_layer" in err
     assert sorted(p.name for p in (ref_out / "checkpoints").iterdir()) == before
+
+
+def test_tensorboard_scalars_when_installed(corpus, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tables = load_run_file(write_config(tmp_path / "r.toml", corpus, tmp_path / "o", max_steps=10))
+    train(tables)
+    events = EventAccumulator(str(tmp_path / "o" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "eval/val_loss", "lambda/layer_0", "lambda/layer_1"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval/val_loss")] == [r["step"] for r in read_metrics(tmp_path / "o", "eval")]
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(corpus, tmp_path):
+    """torch.compile (per block) and activation checkpointing change the numerics at most slightly."""
+    tables = load_run_file(write_config(tmp_path / "r.toml", corpus, tmp_path / "o", max_steps=3))
+    plan = plan_run(tables)
+    eager = Trainer(plan.model_config, plan.train_config)
+    compiled = Trainer(plan.model_config, plan.train_config.replace(compile=True, activation_checkpointing=True))
+    for step in range(3):
+        a, b = eager.train_step(step), compiled.train_step(step)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-4, atol=1e-5)
+    for (k, pa), pb in zip(eager.raw.named_parameters(), compiled.raw.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

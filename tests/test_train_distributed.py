@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from diffattn.checkpoint import load_model
-from diffattn.train import Trainer, load_run_file, plan_run
+from diffattn.train import Trainer, load_run_file, plan_run, train
 from diffattn.train.checkpoint import list_checkpoints, read_train_state
 from diffattn.train.metrics import read_metrics
 from test_train import make_corpus, write_config
@@ -55,9 +55,7 @@ def setup(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = write_config(root / "single.toml", corpus, root / "single", grad_accum=2, **COMMON)
-        plan = plan_run(load_run_file(cfg), world_size=1)
-        Trainer(plan.model_config, plan.train_config).fit()
+        train(load_run_file(write_config(root / "single.toml", corpus, root / "single", grad_accum=2, **COMMON)))
     finally:
         torch.set_num_threads(n)
     return root, corpus

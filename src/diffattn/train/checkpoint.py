@@ -199,7 +199,7 @@ def remove_stale_temporaries(out: str | os.PathLike) -> None:
     root = Path(out) / CHECKPOINTS
     if root.is_dir():
         for path in root.iterdir():
-            if path.name.startswith(".step-") and path.is_dir():
+            if path.name.startswith(".") and "step-" in path.name and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
 
 

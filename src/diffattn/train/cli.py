@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
             cfg = plan.train_config
             where = f"{info.world_size} x {trainer.device.type}" + (f" ({cfg.parallel})" if info.distributed else "")
             start = f"resuming at step {trainer.step}" if plan.resume_from else "from scratch"
+            if plan.changed:
+                start += f" (changed since the checkpoint: {', '.join(plan.changed)})"
             print(f"diffattn train: {plan.model_config.attention} model, {trainer.n_params:,} parameters, "
                   f"{trainer.total_steps} steps of {trainer.tokens_per_step:,} tokens on {where}, {start}; "
                   f"out {cfg.out}", file=sys.stderr, flush=True)

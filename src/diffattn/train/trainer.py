@@ -82,6 +82,7 @@ class RunPlan:
     model_config: ModelConfig
     train_config: TrainConfig
     resume_from: Path | None
+    changed: tuple[str, ...] = ()  # TrainConfig fields that differ from the resumed checkpoint's
 
 
 def plan_run(tables: dict[str, dict], *, resume: bool = False, world_size: int | None = None) -> RunPlan:
@@ -115,11 +116,13 @@ def plan_run(tables: dict[str, dict], *, resume: bool = False, world_size: int |
             diff = [k for k, v in saved.to_dict().items() if model_config.to_dict()[k] != v]
             raise ValueError(f"--resume: the model config differs from the checkpoint {latest} "
                              f"in {', '.join(diff)}")
-        read_train_state(latest)
-    elif latest is not None:
+        saved_train = read_train_state(latest).get("train_config", {})
+        changed = tuple(k for k, v in config.to_dict().items() if k in saved_train and saved_train[k] != v)
+        return RunPlan(model_config, config, latest, changed)
+    if latest is not None:
         raise ValueError(f"TrainConfig.out: {out} already holds checkpoints (latest {latest.name}); "
                          f"pass --resume to continue it or choose another out")
-    return RunPlan(model_config, config, latest if resume else None)
+    return RunPlan(model_config, config, None)
 
 
 # ---------------------------------------------------------------------- the trainer
@@ -161,8 +164,9 @@ class Trainer:
             enable_activation_checkpointing(raw)
         self.model = D.wrap(raw, config, info)  # what train steps call (DDP wrapper or raw)
         self.raw = raw  # the DecoderLM itself (sharded in place under FSDP)
-        if config.compile:
-            raw.compile()
+        if config.compile:  # per block (as torchtitan): one graph reused by every layer, no graph
+            for block in raw.layers:  # breaks from the model's input checks, and FSDP2-friendly
+                block.compile()
         self.optimizer = build_optimizer(raw, config)
         self.step, self.tokens = 0, 0
         self.resumed_state = resumed
@@ -288,7 +292,7 @@ class Trainer:
         evaluated_at = saved_at = None
         try:
             with self._stop_on_signals():
-                if self.step == 0 and cfg.eval_every > 0:
+                if resumed_at is None and cfg.eval_every > 0:  # the baseline at step 0
                     self._eval_and_log(log)
                     evaluated_at = 0
                 t0 = time.perf_counter()
