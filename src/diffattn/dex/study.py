@@ -1,0 +1,220 @@
+"""The DEX study (docs/results/dex.md): base model vs DEX vs parameter-matched controls on the same tokens.
+
+    python -m diffattn.dex.study --out runs/dex-study                 # CPU-sized (the committed run)
+    python -m diffattn.dex.study --out runs/dex-study-gpu --steps 512 --batch-size 16 --device cuda
+
+Arms (all with the same seed, hence the same training batches, the same heads and the same budget):
+
+* ``base``: the unmodified model;
+* ``dex``: DEX, default options (entropy-selected heads, W_D per layer, λ schedule, ``--train dex``);
+* ``linear``: control, O + O·W on the same heads, no λ/schedule (same function class as DEX);
+* ``lora``: control, rank-matched LoRA on ``o_proj`` of the same layers (no differential structure).
+
+Each arm is trained with ``diffattn adapt dex``, merged with ``diffattn adapt load --merge`` (a stock
+model directory), then evaluated with ``diffattn eval`` tasks (small CPU grids, listed in the report).
+Every command, its wall time and exit code go to ``<out>/study.json``; a markdown table of the numbers
+goes to ``<out>/summary.md``. A failing evaluation task is recorded, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ARMS = {"dex": [], "linear": ["--control", "linear"], "lora": ["--control", "lora"]}
+
+
+def _cmd(args: list[str], log: list, out: Path, name: str, timeout: float | None = None) -> int:
+    t = time.time()
+    logf = out / "logs" / f"{name}.log"
+    logf.parent.mkdir(parents=True, exist_ok=True)
+    with open(logf, "w") as fh:
+        try:
+            rc = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    wall = round(time.time() - t, 1)
+    entry = {"name": name, "cmd": shlex.join(args), "rc": rc, "wall_s": wall}
+    log.append(entry)
+    print(f"[{name}] rc={rc} {wall:.0f}s  {entry['cmd']}", flush=True)
+    (out / "study.json").write_text(json.dumps({"commands": log}, indent=1) + "\n")
+    return rc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--base", default="smollm2")
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--val-tokens", type=int, default=32768)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--evals", nargs="*", default=["needle", "icl", "attention-noise", "hallucination"])
+    p.add_argument("--eval-timeout", type=float, default=3600)
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    da = [sys.executable, "-m", "diffattn"]
+    log: list = []
+    t0 = time.time()
+    for arm in args.arms:
+        if not (out / arm / "adapter_config.json").is_file():
+            rc = _cmd(da + ["adapt", "dex", "--base", args.base, "--out", str(out / arm), "--steps", str(args.steps),
+                            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
+                            "--val-tokens", str(args.val_tokens), "--seed", str(args.seed), "--device", args.device,
+                            "--no-progress", *ARMS[arm]], log, out, f"train-{arm}")
+            if rc:
+                return rc
+        if not (out / f"{arm}-merged" / "config.json").is_file():
+            rc = _cmd(da + ["adapt", "load", args.base, str(out / arm), "--merge", "--out", str(out / f"{arm}-merged"),
+                            "--device", args.device], log, out, f"merge-{arm}")
+            if rc:
+                return rc
+
+    from .bases import resolve_base_path
+    base_dir, _, _ = resolve_base_path(args.base, log=lambda m: None)
+    shard_dir = json.loads((out / args.arms[0] / "adapter_config.json").read_text())["training"]["data"]["dir"]
+    models = {"base": str(base_dir), **{arm: str(out / f"{arm}-merged") for arm in args.arms}}
+    grids = {
+        "needle": ["--data", shard_dir, "--nr", "1/1", "4/2", "--lengths", "512", "1024", "--samples", "4",
+                   "--depths", "0", "25", "50", "75", "100"],
+        "icl": ["--datasets", "bbc-topic", "wiki-topic", "--shots", "4", "16", "--runs", "2", "--test-size", "60",
+                "--robust-shots", "8", "--permutations", "4", "--arrangements", "random", "alternating",
+                "--robust-test-size", "40"],
+        "attention-noise": ["--data", shard_dir, "--length", "512", "--samples", "3"],
+        "hallucination": ["--datasets", "wiki-description", "bbc-headline", "--samples", "40"],
+        "ppl": ["--data", shard_dir, "--max-tokens", "32768", "--seq-len", "256"],
+    }
+    for task in args.evals:
+        for name, model in models.items():
+            if task == "attention-noise" and name not in ("base", "dex"):
+                continue  # DEX does not change the softmax maps: base and dex suffice to show it
+            dest = out / "eval" / f"{name}-{task}"
+            if (dest / "results.json").is_file():
+                continue
+            _cmd(da + ["eval", task, "--model", model, "--out", str(dest), "--device", args.device, "--seed",
+                       str(args.seed), *grids[task]], log, out, f"eval-{task}-{name}", timeout=args.eval_timeout)
+
+    meta = {"commands": log, "wall_s": round(time.time() - t0, 1), "python": sys.version.split()[0],
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), "args": vars(args), "grids": grids}
+    try:
+        import torch
+        import transformers
+        meta.update(torch=torch.__version__, transformers=transformers.__version__,
+                    threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    (out / "study.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (out / "summary.md").write_text(summarize(out, ["base", *args.arms]))
+    print((out / "summary.md").read_text())
+    return 0
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def summarize(out: Path, names: list[str]) -> str:
+    """Markdown tables of the numbers found under ``out`` (missing ones are '—')."""
+    ev = out / "eval"
+    lines = ["## Training and validation perplexity", "",
+             "| arm | trained params | tokens | train time (s) | mean λ | val loss | val ppl |", "|---|---|---|---|---|---|---|"]
+    base_val = None
+    for name in names:
+        if name == "base":
+            continue
+        cfg = _load(out / name / "adapter_config.json") or {}
+        tr = cfg.get("training", {})
+        base_val = base_val or tr.get("val_before")
+    if base_val:
+        lines.append(f"| base | 0 | 0 | — | — | {base_val['val_loss']:.4f} | {base_val['val_ppl']:.3f} |")
+    for name in names:
+        if name == "base":
+            continue
+        cfg = _load(out / name / "adapter_config.json") or {}
+        tr = cfg.get("training", {})
+        lam = cfg.get("lambda") or {}
+        va = tr.get("val_after") or {}
+        lines.append(f"| {name} | {tr.get('trainable_params', '—'):,} | {tr.get('tokens', '—'):,} | "
+                     f"{tr.get('elapsed_s', '—')} | {(sum(lam.values()) / len(lam)) if lam else float('nan'):.4f} | "
+                     f"{va.get('val_loss', float('nan')):.4f} | {va.get('val_ppl', float('nan')):.3f} |")
+
+    def res(name, task):
+        r = _load(ev / f"{name}-{task}" / "results.json")
+        return r.get("results") if isinstance(r, dict) else None
+
+    rows = []
+    for name in names:
+        r = res(name, "needle")
+        if r:
+            rows.append([name] + [f"{b['accuracy']:.3f}" for b in r["by_nr"]])
+            nr = [f"N/R {b['n']}/{b['r']}" for b in r["by_nr"]]
+    if rows:
+        lines += ["", "## Multi-needle retrieval (accuracy, mean over lengths and depths)", "",
+                  "| arm | " + " | ".join(nr) + " |", "|---|" + "---|" * len(nr)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    rows = []
+    for name in names:
+        r = res(name, "icl")
+        if r:
+            for d in r["datasets"]:
+                rob = (d.get("robustness") or {}).get("arrangements", {})
+                curve = ", ".join(f"{c['shots']}: {c['accuracy_mean']:.3f}" for c in d["curve"])
+                spread = ", ".join(f"{k} {v['spread']:.3f}" for k, v in rob.items())
+                rows.append(f"| {name} | {d['dataset']} | {curve} | {d['majority_baseline']:.3f} | {spread or '—'} |")
+    if rows:
+        lines += ["", "## In-context learning (accuracy by shots; order robustness: best − worst)", "",
+                  "| arm | dataset | accuracy by shots | majority | spread by arrangement |", "|---|---|---|---|---|"]
+        lines += rows
+    rows = []
+    for name in names:
+        r = res(name, "attention-noise")
+        if r:
+            m = r["mean"]
+            rows.append(f"| {name} | {m['answer']:.4f} | {m['noise']:.4f} | {m['bos']:.4f} | {m['query']:.4f} |")
+    if rows:
+        lines += ["", "## Attention allocation (softmax maps, final query position)", "",
+                  "| arm | answer | noise | BOS | query |", "|---|---|---|---|---|"] + rows
+    rows = []
+    for name in names:
+        r = res(name, "hallucination")
+        if r:
+            for d in r["datasets"]:
+                rows.append(f"| {name} | {d['dataset']} | {_f(d.get('unsupported_rate'))} | "
+                            f"{_f(d.get('faithful_share'))} | {_f(d.get('rouge_l_f1', d.get('rougeL_f1')))} |")
+    if rows:
+        lines += ["", "## Contextual hallucination proxy (lexical 'unsupported' rate; lower is better)", "",
+                  "| arm | dataset | unsupported rate | faithful share | ROUGE-L F1 |", "|---|---|---|---|---|"] + rows
+    return "\n".join(lines) + "\n"
+
+
+def _f(v) -> str:
+    return "—" if not isinstance(v, (int, float)) else f"{v:.3f}"
+
+
+def _dig(record, *keys):
+    cur = record
+    for k in keys:
+        if not isinstance(cur, dict) or k not in cur:
+            return None
+        cur = cur[k]
+    return cur if isinstance(cur, (int, float)) else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
