@@ -164,18 +164,21 @@ class Trainer:
             enable_activation_checkpointing(raw)
         self.model = D.wrap(raw, config, info)  # what train steps call (DDP wrapper or raw)
         self.raw = raw  # the DecoderLM itself (sharded in place under FSDP)
-        if config.compile:  # per block (as torchtitan): one graph reused by every layer, no graph
-            for block in raw.layers:  # breaks from the model's input checks, and FSDP2-friendly
-                block.compile()
+        if config.compile:
+            # per block, as torchtitan: one graph reused by every layer and no graph breaks from the
+            # model's input checks. Only ``forward`` is compiled, so the DDP/FSDP2 module hooks around
+            # it stay eager, and parameter names do not change.
+            for block in raw.layers:
+                block.forward = torch.compile(block.forward)
         self.optimizer = build_optimizer(raw, config)
         self.step, self.tokens = 0, 0
         self.resumed_state = resumed
         if resumed is not None:
             D.load_full_optimizer_state(raw, self.optimizer, optim_state)
-            for group in self.optimizer.param_groups:  # hyper-parameters come from the current config
+            for i, group in enumerate(self.optimizer.param_groups):  # hyper-parameters: the current config
                 group["betas"] = (config.beta1, config.beta2)
                 group["eps"] = config.eps
-                group["weight_decay"] = config.weight_decay if group.get("name") == "decay" else 0.0
+                group["weight_decay"] = config.weight_decay if i == 0 else 0.0  # groups: decay, no_decay
             self.step, self.tokens = int(resumed["step"]), int(resumed["tokens"])
             states = resumed.get("rng") or []
             if states:
