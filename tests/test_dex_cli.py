@@ -250,3 +250,26 @@ def test_cached_named_base_is_used_without_network(tmp_path, monkeypatch):
     monkeypatch.setattr(B, "ensure_gguf_support", no_network)
     b = B.load_base("smollm2", log=lambda m: None)
     assert type(b.model) is LlamaForCausalLM and b.tokenizer is None and b.prepend_bos is False
+
+
+def test_study_summary_tables_from_run_records(tmp_path):
+    from diffattn.dex.study import summarize
+
+    tr = {"trainable_params": 122910, "tokens": 65536, "elapsed_s": 10.0,
+          "val_before": {"val_loss": 3.3, "val_ppl": 27.1}, "val_after": {"val_loss": 3.2, "val_ppl": 24.5}}
+    (tmp_path / "dex").mkdir()
+    (tmp_path / "dex" / "adapter_config.json").write_text(json.dumps({"training": tr, "lambda": {"0": 0.2, "1": 0.4}}))
+    for name, acc in (("base", 0.5), ("dex", 0.75)):
+        d = tmp_path / "eval" / f"{name}-needle"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"results": {"by_nr": [{"n": 1, "r": 1, "accuracy": acc}]}}))
+    d = tmp_path / "eval" / "dex-attention-noise"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"results": {"mean": {"answer": 0.1, "noise": 0.5, "bos": 0.3,
+                                                                     "query": 0.1}}}))
+    md = summarize(tmp_path, ["base", "dex", "lora"])
+    assert "| base | 0 | 0 | — | — | 3.3000 | 27.100 |" in md
+    assert "| dex | 122,910 | 65,536 | 10.0 | 0.3000 | 3.2000 | 24.500 |" in md
+    assert "| base | 0.500 |" in md and "| dex | 0.750 |" in md and "N/R 1/1" in md
+    assert "| dex | 0.1000 | 0.5000 | 0.3000 | 0.1000 |" in md
+    assert "| lora |" in md  # a missing arm is listed with blanks, not an error

@@ -52,16 +52,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--base", default="smollm2")
-    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--steps", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--val-tokens", type=int, default=32768)
+    p.add_argument("--val-tokens", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--evals", nargs="*", default=["needle", "icl", "attention-noise", "hallucination"])
     p.add_argument("--eval-timeout", type=float, default=3600)
+    p.add_argument("--grid-scale", type=int, default=1, help="multiply the evaluation sample counts")
     args = p.parse_args(argv)
 
     out = Path(args.out)
@@ -70,11 +71,18 @@ def main(argv=None) -> int:
     log: list = []
     t0 = time.time()
     for arm in args.arms:
+        extra = list(ARMS[arm])
+        dex_cfg = out / "dex" / "adapter_config.json"
+        if arm == "linear" and dex_cfg.is_file():  # exactly DEX's heads, without recalibrating
+            heads = json.loads(dex_cfg.read_text())["heads"]
+            extra += ["--heads", ",".join(f"{l}:{h}" for l, hs in heads.items() for h in hs)]
+        elif arm == "lora":  # LoRA acts on o_proj as a whole: heads only pick layers (all of them)
+            extra += ["--heads", "all"]
         if not (out / arm / "adapter_config.json").is_file():
             rc = _cmd(da + ["adapt", "dex", "--base", args.base, "--out", str(out / arm), "--steps", str(args.steps),
                             "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
                             "--val-tokens", str(args.val_tokens), "--seed", str(args.seed), "--device", args.device,
-                            "--no-progress", *ARMS[arm]], log, out, f"train-{arm}")
+                            "--no-progress", *extra], log, out, f"train-{arm}")
             if rc:
                 return rc
         if not (out / f"{arm}-merged" / "config.json").is_file():
@@ -87,14 +95,14 @@ def main(argv=None) -> int:
     base_dir, _, _ = resolve_base_path(args.base, log=lambda m: None)
     shard_dir = json.loads((out / args.arms[0] / "adapter_config.json").read_text())["training"]["data"]["dir"]
     models = {"base": str(base_dir), **{arm: str(out / f"{arm}-merged") for arm in args.arms}}
-    grids = {
-        "needle": ["--data", shard_dir, "--nr", "1/1", "4/2", "--lengths", "512", "1024", "--samples", "4",
+    grids = {  # CPU-sized grids (2 shared cores); scale up with --grid-scale on a GPU
+        "needle": ["--data", shard_dir, "--nr", "1/1", "4/2", "--lengths", "768", "--samples", str(4 * args.grid_scale),
                    "--depths", "0", "25", "50", "75", "100"],
-        "icl": ["--datasets", "bbc-topic", "wiki-topic", "--shots", "4", "16", "--runs", "2", "--test-size", "60",
-                "--robust-shots", "8", "--permutations", "4", "--arrangements", "random", "alternating",
-                "--robust-test-size", "40"],
-        "attention-noise": ["--data", shard_dir, "--length", "512", "--samples", "3"],
-        "hallucination": ["--datasets", "wiki-description", "bbc-headline", "--samples", "40"],
+        "icl": ["--datasets", "bbc-topic", "--shots", "4", "8", "--runs", str(2 * args.grid_scale), "--test-size",
+                str(50 * args.grid_scale), "--robust-shots", "8", "--permutations", str(4 * args.grid_scale),
+                "--arrangements", "random", "alternating", "--robust-test-size", str(30 * args.grid_scale)],
+        "attention-noise": ["--data", shard_dir, "--length", "512", "--samples", str(2 * args.grid_scale)],
+        "hallucination": ["--datasets", "bbc-headline", "--samples", str(30 * args.grid_scale)],
         "ppl": ["--data", shard_dir, "--max-tokens", "32768", "--seq-len", "256"],
     }
     for task in args.evals:
@@ -150,9 +158,9 @@ def summarize(out: Path, names: list[str]) -> str:
         tr = cfg.get("training", {})
         lam = cfg.get("lambda") or {}
         va = tr.get("val_after") or {}
-        lines.append(f"| {name} | {tr.get('trainable_params', '—'):,} | {tr.get('tokens', '—'):,} | "
-                     f"{tr.get('elapsed_s', '—')} | {(sum(lam.values()) / len(lam)) if lam else float('nan'):.4f} | "
-                     f"{va.get('val_loss', float('nan')):.4f} | {va.get('val_ppl', float('nan')):.3f} |")
+        lines.append(f"| {name} | {_n(tr.get('trainable_params'))} | {_n(tr.get('tokens'))} | "
+                     f"{tr.get('elapsed_s', '—')} | {_f(sum(lam.values()) / len(lam) if lam else None, 4)} | "
+                     f"{_f(va.get('val_loss'), 4)} | {_f(va.get('val_ppl'))} |")
 
     def res(name, task):
         r = _load(ev / f"{name}-{task}" / "results.json")
@@ -196,24 +204,19 @@ def summarize(out: Path, names: list[str]) -> str:
         if r:
             for d in r["datasets"]:
                 rows.append(f"| {name} | {d['dataset']} | {_f(d.get('unsupported_rate'))} | "
-                            f"{_f(d.get('faithful_share'))} | {_f(d.get('rouge_l_f1', d.get('rougeL_f1')))} |")
+                            f"{_f(d.get('faithful_share'))} | {_f(d.get('rougeL_f1'))} |")
     if rows:
         lines += ["", "## Contextual hallucination proxy (lexical 'unsupported' rate; lower is better)", "",
                   "| arm | dataset | unsupported rate | faithful share | ROUGE-L F1 |", "|---|---|---|---|---|"] + rows
     return "\n".join(lines) + "\n"
 
 
-def _f(v) -> str:
-    return "—" if not isinstance(v, (int, float)) else f"{v:.3f}"
+def _f(v, digits: int = 3) -> str:
+    return "—" if not isinstance(v, (int, float)) else f"{v:.{digits}f}"
 
 
-def _dig(record, *keys):
-    cur = record
-    for k in keys:
-        if not isinstance(cur, dict) or k not in cur:
-            return None
-        cur = cur[k]
-    return cur if isinstance(cur, (int, float)) else None
+def _n(v) -> str:
+    return "—" if not isinstance(v, int) else f"{v:,}"
 
 
 if __name__ == "__main__":
