@@ -24,9 +24,9 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
-	@echo "make demo runs the comparison study (diffattn compare --preset cpu-tiny); it arrives with issue #5."
-	@echo "Until then try: $(VENV)/bin/python examples/quickstart.py"
-	$(PY) examples/quickstart.py
+	# the parameter-matched comparison study on CPU (configs/compare-cpu-tiny.toml): prepares the default
+	# offline corpus, trains every variant, evaluates, and writes runs/compare-cpu-tiny/REPORT.md
+	$(VENV)/bin/diffattn compare --preset cpu-tiny --out runs/compare-cpu-tiny
 
 clean:
 	rm -rf $(VENV) .pytest_cache

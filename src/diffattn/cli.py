@@ -14,7 +14,7 @@ import sys
 
 from . import __version__
 
-# subcommand -> module providing add_parser(); listed here once that module exists
+# subcommand -> "module" providing add_parser(subparsers), or "module:function"
 SUBCOMMANDS: dict[str, str] = {
     "info": "diffattn.info",
     "export": "diffattn.hf.cli_export",
@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "diffattn.train.cli",
     "bench": "diffattn.bench.cli",
     "adapt": "diffattn.dex.cli",
+    "compare": "diffattn.experiments.cli:add_compare_parser",
+    "report": "diffattn.experiments.cli:add_report_parser",
 }
 
 
@@ -36,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffattn", description="The differential-attention family of Transformers.")
     parser.add_argument("--version", action="version", version=f"diffattn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
-        importlib.import_module(module).add_parser(sub)
+    for name, target in SUBCOMMANDS.items():
+        module, _, func = target.partition(":")  # "module" or "module:function" (default add_parser)
+        getattr(importlib.import_module(module), func or "add_parser")(sub)
     return parser
 
 

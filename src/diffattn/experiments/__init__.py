@@ -1,0 +1,1 @@
+"""The comparison study (``diffattn compare``) and its report (``diffattn report``)."""

@@ -1,0 +1,537 @@
+"""The comparison report: ``REPORT.md`` (or one self-contained ``REPORT.html``) + PNG plots.
+
+Built from ``results.json`` alone (``diffattn report DIR`` regenerates it), as a list of blocks
+(headings, paragraphs, tables, images) rendered to Markdown or HTML. Every headline number stands
+next to the paper's (experiments/paper.py) with a verdict: reproduced, not reproduced or
+inconclusive (the difference is within the seed spread).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .paper import NOT_MEASURED, PAPER, verdict
+from .presets import SAME_HEADS
+
+DIFF_VARIANTS = ("diff_v1", "diff_v2", "shared_diff")
+LABELS = {"standard": "Transformer (baseline)", "diff_v1": "DIFF V1", "diff_v2": "DIFF V2",
+          "shared_diff": "Shared DIFF", SAME_HEADS: "Transformer, V2's heads"}
+PARAM_MATCH_TOLERANCE = 0.005  # V1 vs its baseline: relative difference in parameters
+
+
+@dataclass
+class Block:
+    kind: str  # "h1" | "h2" | "p" | "table" | "image" | "list"
+    text: str = ""
+    header: Sequence[str] = ()
+    rows: Sequence[Sequence[Any]] = ()
+    items: Sequence[str] = ()
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "—"
+        if abs(x) >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _std(xs):
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _pm(xs, digits=3) -> str:
+    m, s = _mean(xs), _std(xs)
+    if m is None:
+        return "—"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
+
+
+class Study:
+    """Convenience accessors over results.json."""
+
+    def __init__(self, results: dict):
+        self.r = results
+        self.variants: list[str] = results["variants"]
+        self.seeds = [str(s) for s in results["seeds"]]
+
+    def runs(self, variant: str) -> list[dict]:
+        return [self.r["runs"][variant][s] for s in self.seeds if s in self.r["runs"].get(variant, {})]
+
+    def eval_values(self, variant: str, task: str, path: Sequence[Any]) -> list:
+        out = []
+        for run in self.runs(variant):
+            node = run.get("eval", {}).get(task, {}).get("results")
+            for key in path:
+                if node is None:
+                    break
+                node = node[key] if isinstance(node, list) and isinstance(key, int) else (
+                    node.get(key) if isinstance(node, dict) else None)
+            if node is not None:
+                out.append(node)
+        return out
+
+    def final_val(self, variant: str) -> list[float]:
+        vals = []
+        for run in self.runs(variant):
+            v = run["summary"].get("val_loss")
+            if v is not None:
+                vals.append(float(v))
+        return vals
+
+    def label(self, v: str) -> str:
+        return LABELS.get(v, v)
+
+
+def _verdict_cells(study: Study, variant: str, values_fn, better: str, min_effect: float, baselines=None):
+    """Verdict cells of ``variant`` against each baseline."""
+    cells = []
+    for base in baselines or ["standard"]:
+        if base not in study.variants:
+            continue
+        v = verdict(values_fn(variant), values_fn(base), better, min_effect=min_effect)
+        note = f" (vs {study.label(base)})" if base != "standard" else ""
+        cells.append(f"**{v.verdict}**{note}: Δ {v.diff:+.3g}" if v.verdict != NOT_MEASURED else v.verdict)
+    return "; ".join(cells)
+
+
+def _baselines_for(variant: str, study: Study) -> list[str]:
+    return ["standard", SAME_HEADS] if variant == "diff_v2" and SAME_HEADS in study.variants else ["standard"]
+
+
+# ---------------------------------------------------------------------------------------- sections
+def section_setup(study: Study) -> list[Block]:
+    r = study.r
+    env = r.get("environment", {})
+    idx = r.get("data", {}).get("index", {})
+    train = r.get("train", {})
+    blocks = [Block("h1", f"diffattn compare — preset `{r['preset']}`"),
+              Block("list", items=[
+                  f"command: `{env.get('command', '')}`",
+                  f"date: {env.get('date', '')}; wall time {r.get('wall_time_s', 0) / 60:.1f} min",
+                  f"hardware: {env.get('device', '')} ({env.get('cpu_count')} CPU cores), {env.get('platform', '')}",
+                  f"versions: diffattn {env.get('diffattn')}, torch {env.get('torch')}, transformers "
+                  f"{env.get('transformers')}, Python {env.get('python')}",
+                  f"data: `{r.get('data', {}).get('dir')}`, vocabulary {idx.get('vocab_size')}, documents "
+                  f"{idx.get('documents')}",
+                  f"training (identical for every variant and seed): " + ", ".join(
+                      f"{k}={v}" for k, v in train.items() if k not in ("progress", "tensorboard")),
+                  f"needle-retrieval share of training rows: {r.get('needle_mix', {}).get('share', 0):.0%} "
+                  f"(training cities/numbers disjoint from the evaluation's; haystack from the train split)",
+                  f"seeds: {', '.join(study.seeds)}; variants: {', '.join(study.label(v) for v in study.variants)}",
+              ]),
+              Block("p", "Scale note: the paper's numbers come from 3B-parameter models trained on 350B-1T tokens. "
+                         "A study of this size can only test the *direction* of each effect; a verdict is "
+                         "'reproduced' when the difference points the paper's way and exceeds the seed spread, "
+                         "'not reproduced' when it points the other way beyond the spread, and 'inconclusive' "
+                         "otherwise (with one seed, a difference must exceed a fixed margin stated per metric).")]
+    return blocks
+
+
+def section_models(study: Study) -> list[Block]:
+    models = study.r["models"]
+    base_total = models["standard"]["params"]["total"]
+    rows = []
+    for v in study.variants:
+        c, p = models[v]["config"], models[v]["params"]
+        attn = p["attention.qkvo"] + p["attention.lambda"] + p["attention.norm"]
+        rows.append([study.label(v), f"{c['n_head']}/{c['n_kv_head']}/{c['head_dim']}", p["total"], attn,
+                     p["attention.lambda"] + p["attention.norm"], f"{(p['total'] - base_total) / base_total:+.2%}"])
+    blocks = [Block("h2", "Models and parameter counts"),
+              Block("table", header=["variant", "heads / KV heads / head dim", "parameters", "attention",
+                                     "λ + norm", "vs baseline"], rows=rows)]
+    notes = []
+    if "diff_v1" in models:
+        d = (models["diff_v1"]["params"]["total"] - base_total) / base_total
+        ok = abs(d) < PARAM_MATCH_TOLERANCE
+        notes.append(f"Parameter matching DIFF V1 ↔ baseline: {d:+.3%} "
+                     f"({'within' if ok else 'OUTSIDE'} the {PARAM_MATCH_TOLERANCE:.1%} tolerance): identical "
+                     f"projections, plus only the λ vectors and the per-head norm gains (methods.md §1.6).")
+    if "diff_v2" in models:
+        notes.append("DIFF V2 with h heads is matched to the baseline with 1.5h heads (the blog's ablation 4); "
+                     f"'{study.label(SAME_HEADS)}' is the same-heads Transformer the V2 authors also compare with.")
+    if "shared_diff" in models:
+        notes.append("Shared DIFF follows our reading of its abstract (shared base + low-rank Q/K updates; "
+                     "methods.md §3.3, UNCONFIRMED) with the V1 head layout, hence fewer parameters.")
+    blocks.append(Block("list", items=notes))
+    return blocks
+
+
+def section_loss(study: Study, out: Path, summary: list) -> list[Block]:
+    from ..eval.common import new_figure
+
+    fig, axes = new_figure(11, 4, ncols=2)
+    for v in study.variants:
+        for i, run in enumerate(study.runs(v)):
+            tr = run["metrics"]["train"]
+            va = run["metrics"]["val"]
+            kw = dict(label=study.label(v) if i == 0 else None, alpha=0.9 if i == 0 else 0.5)
+            axes[0].plot([x["tokens"] for x in tr], [x["loss"] for x in tr], **kw)
+            axes[1].plot([x["tokens"] for x in va], [x["val_loss"] for x in va], marker="o", ms=3, **kw)
+    axes[0].set(title="training loss", xlabel="tokens", ylabel="loss")
+    axes[1].set(title="validation loss", xlabel="tokens", ylabel="loss")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.savefig(out / "loss_curves.png", dpi=110)
+
+    base = study.final_val("standard")
+    rows = []
+    for v in study.variants:
+        vals = study.final_val(v)
+        dv = (_mean(vals) - _mean(base)) if vals and base else None
+        cell = _verdict_cells(study, v, study.final_val, "lower", 0.01, _baselines_for(v, study)) \
+            if v in DIFF_VARIANTS else ""
+        if cell:
+            summary.append([study.label(v), "lower validation loss", _pm(vals, 4) + " vs " + _pm(base, 4), cell])
+        rows.append([study.label(v), _pm(vals, 4), _fmt(dv, 4) if v != "standard" else "", cell])
+    return [Block("h2", "Language-modelling loss"), Block("image", "loss_curves.png"),
+            Block("table", header=["variant", "final validation loss (mean ± std over seeds)", "Δ vs baseline",
+                                   "verdict (paper: lower)"], rows=rows),
+            Block("p", f"Paper: {PAPER['val_loss']['text']}. Single-seed margin: 0.01 nats.")]
+
+
+def section_needle(study: Study, out: Path, summary: list) -> list[Block]:
+    if "needle" not in study.r["tasks"]:
+        return []
+    nr_list = None
+    for v in study.variants:
+        vals = study.eval_values(v, "needle", ["nr"])
+        if vals:
+            nr_list = vals[0]
+            break
+    if not nr_list:
+        return []
+
+    def acc(v, nr):
+        out_vals = []
+        for by in study.eval_values(v, "needle", ["by_nr"]):
+            for row in by:
+                if f"{row['n']}/{row['r']}" == nr:
+                    out_vals.append(row["accuracy"])
+        return out_vals
+
+    rows = [[study.label(v)] + [_pm(acc(v, nr), 2) for nr in nr_list] for v in study.variants]
+    paper = {"1/1": ("1.00", "1.00"), "2/2": ("0.85", "0.92"), "4/2": ("0.62", "0.84"), "6/2": ("0.55", "0.85")}
+    rows.append(["paper, Transformer (3B, 4K)"] + [paper.get(nr, ("—", "—"))[0] for nr in nr_list])
+    rows.append(["paper, DIFF (3B, 4K)"] + [paper.get(nr, ("—", "—"))[1] for nr in nr_list])
+    hardest = max(nr_list, key=lambda s: tuple(int(x) for x in s.split("/")))
+    verdict_rows = [[study.label(v), hardest, _verdict_cells(study, v, lambda x, nr=hardest: acc(x, nr), "higher",
+                                                             0.1, _baselines_for(v, study))]
+                    for v in study.variants if v in DIFF_VARIANTS]
+    for row in verdict_rows:
+        v = next(x for x in study.variants if study.label(x) == row[0])
+        summary.append([row[0], f"higher needle accuracy (N/R {hardest})",
+                        _pm(acc(v, hardest), 2) + " vs " + _pm(acc("standard", hardest), 2), row[2]])
+
+    # heat-maps: pinned accuracy by (length, depth), averaged over N/R and seeds
+    from ..eval.common import new_figure
+
+    shown = [v for v in study.variants if study.eval_values(v, "needle", ["cells"])]
+    fig, axes = new_figure(3.4 * len(shown), 3.2, ncols=len(shown))
+    axes = axes if isinstance(axes, (list, tuple)) or hasattr(axes, "__len__") else [axes]
+    for ax, v in zip(axes, shown):
+        cells = [c for cs in study.eval_values(v, "needle", ["cells"]) for c in cs]
+        lengths = sorted({c["length"] for c in cells})
+        depths = sorted({c["depth"] for c in cells})
+        grid = [[_mean([c["pinned_accuracy"] for c in cells if c["length"] == L and c["depth"] == d]) or 0.0
+                 for d in depths] for L in lengths]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set(xticks=range(len(depths)), xticklabels=[f"{d:g}%" for d in depths], yticks=range(len(lengths)),
+               yticklabels=lengths, xlabel="answer depth", ylabel="prompt tokens", title=study.label(v))
+        for i, row in enumerate(grid):
+            for j, val in enumerate(row):
+                ax.text(j, i, f"{val:.2f}", ha="center", va="center", color="w" if val < 0.6 else "k", fontsize=8)
+    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    fig.savefig(out / "needle_heatmaps.png", dpi=110, bbox_inches="tight")
+    return [Block("h2", "Multi-needle retrieval"),
+            Block("table", header=["variant"] + [f"N/R {nr}" for nr in nr_list], rows=rows),
+            Block("table", header=["variant", "hardest N/R", "verdict (paper: higher)"], rows=verdict_rows),
+            Block("p", f"Paper: {PAPER['needle']['text']}; headline {PAPER['needle_4k_6_2']['text']}. "
+                       "Accuracy: exact number in ≤ the generated tokens, one question per prompt, mean over the R "
+                       "queried needles (the paper's R = 2 scoring is UNCONFIRMED). Single-seed margin: 0.1."),
+            Block("image", "needle_heatmaps.png")]
+
+
+def section_attention(study: Study, out: Path, summary: list) -> list[Block]:
+    if "attention-noise" not in study.r["tasks"]:
+        return []
+    depths = None
+    for v in study.variants:
+        by = study.eval_values(v, "attention-noise", ["by_depth"])
+        if by:
+            depths = [row["depth"] for row in by[0]]
+            break
+    if not depths:
+        return []
+
+    def share(v, key, depth=None):
+        vals = []
+        for by in study.eval_values(v, "attention-noise", ["by_depth"]):
+            rows = [r for r in by if depth is None or r["depth"] == depth]
+            vals.append(_mean([r[key] for r in rows]))
+        return vals
+
+    rows = []
+    for v in study.variants:
+        rows.append([study.label(v), "answer"] + [_pm(share(v, "answer", d), 3) for d in depths])
+        rows.append([study.label(v), "noise"] + [_pm(share(v, "noise", d), 3) for d in depths])
+    rows += [["paper, Transformer", "answer", "0.03", "0.03", "0.03", "0.07", "0.09"][:2 + len(depths)],
+             ["paper, DIFF", "answer", "0.27", "0.30", "0.31", "0.32", "0.40"][:2 + len(depths)],
+             ["paper, Transformer", "noise", "0.51", "0.54", "0.52", "0.49", "0.49"][:2 + len(depths)],
+             ["paper, DIFF", "noise", "0.01", "0.02", "0.02", "0.02", "0.01"][:2 + len(depths)]]
+    verdict_rows = []
+    for v in study.variants:
+        if v in DIFF_VARIANTS:
+            verdict_rows.append([study.label(v),
+                                 _verdict_cells(study, v, lambda x: share(x, "answer"), "higher", 0.02,
+                                                _baselines_for(v, study)),
+                                 _verdict_cells(study, v, lambda x: share(x, "noise"), "lower", 0.02,
+                                                _baselines_for(v, study))])
+    for row in verdict_rows:
+        v = next(x for x in study.variants if study.label(x) == row[0])
+        summary.append([row[0], "more attention to the answer",
+                        _pm(share(v, "answer"), 3) + " vs " + _pm(share("standard", "answer"), 3), row[1]])
+        summary.append([row[0], "less attention noise",
+                        _pm(share(v, "noise"), 3) + " vs " + _pm(share("standard", "noise"), 3), row[2]])
+    from ..eval.common import new_figure
+
+    fig, axes = new_figure(11, 4, ncols=2)
+    for v in study.variants:
+        axes[0].plot(depths, [_mean(share(v, "answer", d)) for d in depths], marker="o", label=study.label(v))
+        axes[1].plot(depths, [_mean(share(v, "noise", d)) for d in depths], marker="o", label=study.label(v))
+    axes[0].set(title="attention to the answer", xlabel="answer depth (%)", ylabel="share")
+    axes[1].set(title="attention noise (other context)", xlabel="answer depth (%)", ylabel="share")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(out / "attention_noise.png", dpi=110)
+    return [Block("h2", "Attention to the answer vs noise"),
+            Block("table", header=["variant", "share"] + [f"depth {d:g}%" for d in depths], rows=rows),
+            Block("table", header=["variant", "answer (paper: higher)", "noise (paper: lower)"], rows=verdict_rows),
+            Block("p", f"Paper: {PAPER['attention_answer']['text']}; {PAPER['attention_noise']['text']}. "
+                       "Final query position, averaged over heads and layers, on the effective map (DIFF: A1 − λ·A2, "
+                       "rows normalised to sum 1 — the normalisation of signed maps is UNCONFIRMED in the paper); "
+                       "BOS and question tokens are excluded from noise. Single-seed margin: 0.02."),
+            Block("image", "attention_noise.png")]
+
+
+def section_outliers(study: Study, summary: list) -> list[Block]:
+    if "outliers" not in study.r["tasks"]:
+        return []
+    keys = ["top1", "top2", "top3", "top10", "top100", "median"]
+    rows = []
+    for what, label in (("attention_logits", "attention logits"), ("hidden_states", "hidden states")):
+        for v in study.variants:
+            rows.append([label, study.label(v)] + [_fmt(_mean(study.eval_values(v, "outliers", [what, k])), 2)
+                                                   for k in keys])
+    rows += [["attention logits", "paper, Transformer", "318.0", "308.2", "304.9", "284.7", "251.5", "5.4"],
+             ["attention logits", "paper, DIFF", "38.8", "38.8", "37.3", "32.0", "27.4", "3.3"],
+             ["hidden states", "paper, Transformer", "3608.6", "3607.4", "3603.6", "3552.1", "2448.2", "0.6"],
+             ["hidden states", "paper, DIFF", "1688.2", "1672.5", "1672.1", "1624.3", "740.9", "1.2"]]
+    verdict_rows = []
+    for v in study.variants:
+        if v in DIFF_VARIANTS:
+            rel = lambda what: (lambda x: [math.log(val) for val in study.eval_values(x, "outliers", [what, "top1"])
+                                           if val and val > 0])  # noqa: E731
+            verdict_rows.append([study.label(v),
+                                 _verdict_cells(study, v, rel("attention_logits"), "lower", math.log(1.1),
+                                                _baselines_for(v, study)),
+                                 _verdict_cells(study, v, rel("hidden_states"), "lower", math.log(1.1),
+                                                _baselines_for(v, study))])
+    for row in verdict_rows:
+        v = next(x for x in study.variants if study.label(x) == row[0])
+        top1 = lambda x: _fmt(_mean(study.eval_values(x, "outliers", ["attention_logits", "top1"])), 2)  # noqa: E731
+        summary.append([row[0], "smaller top-1 attention logit", f"{top1(v)} vs {top1('standard')}", row[1]])
+    return [Block("h2", "Activation outliers"),
+            Block("table", header=["activation", "variant"] + keys, rows=rows),
+            Block("table", header=["variant", "top-1 attention logit (paper: lower)", "top-1 hidden state (paper: lower)"],
+                  rows=verdict_rows),
+            Block("p", f"Paper: {PAPER['outlier_logits']['text']}; {PAPER['outlier_hidden']['text']}. |pre-softmax "
+                       "scaled logits| of all layers and heads (DIFF: both maps), masked positions excluded; hidden "
+                       "states at each layer's output. Verdicts on log(top-1); single-seed margin: a factor 1.1.")]
+
+
+def section_lambda(study: Study, out: Path) -> list[Block]:
+    shown = [v for v in study.variants if study.eval_values(v, "lambda", ["layers"])]
+    if not shown:
+        return []
+    from ..eval.common import new_figure
+
+    fig, ax = new_figure(6.4, 4)
+    rows = []
+    for v in shown:
+        per_seed = study.eval_values(v, "lambda", ["layers"])
+        n = len(per_seed[0])
+        lam = [_mean([layers[i]["lambda"] for layers in per_seed]) for i in range(n)]
+        init = [per_seed[0][i].get("lambda_init") for i in range(n)]
+        ax.plot(range(n), lam, marker="o", label=f"{study.label(v)} (learned)")
+        if any(x is not None for x in init):
+            ax.plot(range(n), init, ls="--", alpha=0.6, label=f"{study.label(v)} λ_init")
+        rows.append([study.label(v)] + [_fmt(x, 3) for x in lam])
+    ax.set(xlabel="layer (depth)", ylabel="λ", title="λ by depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(out / "lambda_by_depth.png", dpi=110)
+    n = max(len(r) for r in rows) - 1
+    return [Block("h2", "λ by depth"),
+            Block("table", header=["variant"] + [f"layer {i}" for i in range(n)], rows=rows),
+            Block("p", f"Paper: {PAPER['lambda']['text']}. DIFF V2's λ is per token and head: the table shows its "
+                       "mean over held-out tokens."),
+            Block("image", "lambda_by_depth.png")]
+
+
+def section_cost(study: Study, summary: list) -> list[Block]:
+    cost = study.r.get("cost")
+    if not cost:
+        return [Block("h2", "Cost"), Block("p", "Not measured (bench_repeats = 0).")]
+    rows = []
+    for v in study.variants:
+        c = cost["variants"][v]
+        if v in DIFF_VARIANTS:
+            summary.append([study.label(v), "training throughput (paper V1: 0.88-0.91×)",
+                            f"{c['throughput_ratio']:.2f}× baseline", "measured (one machine, one run)"])
+        mem = c.get("peak_memory_bytes")
+        rows.append([study.label(v), f"{c['tokens_per_s']:,.0f}", f"{c['throughput_ratio']:.3f}",
+                     f"{mem / 2**20:,.0f} MiB" if mem else "—",
+                     f"{c['memory_ratio']:.3f}" if c.get("memory_ratio") else "—"])
+    return [Block("h2", "Cost: throughput and memory"),
+            Block("table", header=["variant", "training tokens/s", "× baseline", "peak memory", "× baseline"],
+                  rows=rows),
+            Block("p", f"Measured in this run on {cost['device']}, sequence {cost['seq_len']}, micro-batch "
+                       f"{cost['micro_batch']}, {cost['repeats']} round-robin repeats: {cost['method']}. Paper: "
+                       f"{PAPER['throughput']['text']}.")]
+
+
+def build(results: dict, out: Path) -> list[Block]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    study = Study(results)
+    summary: list[list[str]] = []  # the sections add their headline verdicts here
+    body = section_models(study) + section_loss(study, out, summary)
+    body += section_needle(study, out, summary) + section_attention(study, out, summary)
+    body += section_outliers(study, summary) + section_lambda(study, out) + section_cost(study, summary)
+    head = [Block("h2", "Summary: the papers' claims, checked"),
+            Block("table", header=["variant", "claim (direction from the paper)", "this study (variant vs baseline)",
+                                   "verdict"], rows=summary)] if summary else []
+    blocks = section_setup(study) + head + body
+    blocks.append(Block("p", "Per-run details (curves, per-task results.json/results.md and plots) are under "
+                             "`runs/<variant>/seed<k>/`."))
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------- renderers
+def to_markdown(blocks: list[Block]) -> str:
+    lines: list[str] = []
+    for b in blocks:
+        if b.kind == "h1":
+            lines += [f"# {b.text}", ""]
+        elif b.kind == "h2":
+            lines += [f"## {b.text}", ""]
+        elif b.kind == "p":
+            lines += [b.text, ""]
+        elif b.kind == "list":
+            lines += [f"- {item}" for item in b.items] + [""]
+        elif b.kind == "table":
+            lines.append("| " + " | ".join(map(str, b.header)) + " |")
+            lines.append("|" + "|".join("---" for _ in b.header) + "|")
+            lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in b.rows]
+            lines.append("")
+        elif b.kind == "image":
+            lines += [f"![{b.text}]({b.text})", ""]
+    return "\n".join(lines)
+
+
+def _inline_md(text: str) -> str:
+    """The little Markdown the blocks use: **bold** and `code`."""
+    import re
+
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def to_html(blocks: list[Block], out: Path) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>diffattn compare report</title><style>",
+             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
+             "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px}",
+             "th{background:#f3f3f3}img{max-width:100%}code{background:#f5f5f5;padding:0 3px}",
+             "</style></head><body>"]
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            parts.append(f"<{b.kind}>{_inline_md(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            parts.append(f"<p>{_inline_md(b.text)}</p>")
+        elif b.kind == "list":
+            parts.append("<ul>" + "".join(f"<li>{_inline_md(i)}</li>" for i in b.items) + "</ul>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{_inline_md(str(h))}</th>" for h in b.header)
+            body = "".join("<tr>" + "".join(f"<td>{_inline_md(_fmt(c))}</td>" for c in row) + "</tr>" for row in b.rows)
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        elif b.kind == "image":
+            data = base64.b64encode((out / b.text).read_bytes()).decode()
+            parts.append(f"<p><img alt='{html.escape(b.text)}' src='data:image/png;base64,{data}'></p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out: str | os.PathLike, fmt: str = "md") -> Path:
+    """(Re)generate the report of a compare output directory from its results.json."""
+    out = Path(out)
+    path = out / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out}: no results.json (not a `diffattn compare` output directory)")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    for key in ("preset", "variants", "seeds", "runs", "models"):
+        if key not in results:
+            raise ValueError(f"{path}: missing key {key!r} (not a compare results file)")
+    if fmt not in ("md", "html"):
+        raise ValueError(f"--format must be md or html, got {fmt!r}")
+    blocks = build(results, out)
+    target = out / ("REPORT.md" if fmt == "md" else "REPORT.html")
+    text = to_markdown(blocks) if fmt == "md" else to_html(blocks, out)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+    return target
+
+
+def summary_table(out: str | os.PathLike) -> str:
+    """The Summary and loss tables as plain Markdown (what `make demo` prints)."""
+    results = json.loads((Path(out) / "results.json").read_text())
+    study = Study(results)
+    rows = [f"{'variant':26s} {'params':>12s} {'val loss':>18s}"]
+    for v in study.variants:
+        rows.append(f"{study.label(v):26s} {results['models'][v]['params']['total']:>12,} "
+                    f"{_pm(study.final_val(v), 4):>18s}")
+    return "\n".join(rows)
+
