@@ -98,6 +98,19 @@ if triton is not None:
         return tl.dot(a, b, acc, input_precision=PREC)
 
     @triton.jit
+    def _value_channels(D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Offsets and validity of the 2·BLOCK_D value columns: [0, d) then [d, 2d), each half padded
+        to BLOCK_D. When d is a power of two (64, 128) the offsets are a plain range, which keeps the
+        compiler's contiguity analysis (vectorised loads) intact."""
+        offs_e = tl.arange(0, 2 * BLOCK_D)
+        if D == BLOCK_D:
+            ch_e = offs_e
+        else:
+            ch_e = tl.where(offs_e < BLOCK_D, offs_e, offs_e - BLOCK_D + D)
+        ok_e = (offs_e % BLOCK_D) < D
+        return offs_e, ch_e, ok_e
+
+    @triton.jit
     def _fwd_tile(acc1, acc2, m1, l1, m2, l2, q1, q2, K1, K2, V, k_base, v_base, stride_kt, stride_vt,
                   start_n, offs_m, offs_d, ch_e, ok_e, S, qk_scale,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,
@@ -146,9 +159,7 @@ if triton is not None:
         start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        offs_e = tl.arange(0, 2 * BLOCK_D)  # the 2d value channels: [0, d) then [d, 2d), each padded
-        ch_e = tl.where(offs_e < BLOCK_D, offs_e, offs_e - BLOCK_D + D)
-        ok_e = (offs_e % BLOCK_D) < D
+        offs_e, ch_e, ok_e = _value_channels(D, BLOCK_D)  # the 2d value channels
 
         q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
         qmask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
@@ -210,9 +221,7 @@ if triton is not None:
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        offs_e = tl.arange(0, 2 * BLOCK_D)
-        ch_e = tl.where(offs_e < BLOCK_D, offs_e, offs_e - BLOCK_D + D)
-        ok_e = (offs_e % BLOCK_D) < D
+        offs_e, ch_e, ok_e = _value_channels(D, BLOCK_D)
 
         kmask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
         k_off = b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
@@ -285,9 +294,7 @@ if triton is not None:
         start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        offs_e = tl.arange(0, 2 * BLOCK_D)
-        ch_e = tl.where(offs_e < BLOCK_D, offs_e, offs_e - BLOCK_D + D)
-        ok_e = (offs_e % BLOCK_D) < D
+        offs_e, ch_e, ok_e = _value_channels(D, BLOCK_D)
 
         q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
         qmask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
@@ -348,9 +355,7 @@ if triton is not None:
         hk = pid_bk % HKV
         offs_r = tl.arange(0, BLOCK_R)
         offs_d = tl.arange(0, BLOCK_D)
-        offs_e = tl.arange(0, 2 * BLOCK_D)
-        ch_e = tl.where(offs_e < BLOCK_D, offs_e, offs_e - BLOCK_D + D)
-        ok_e = (offs_e % BLOCK_D) < D
+        offs_e, ch_e, ok_e = _value_channels(D, BLOCK_D)
         q_off = b * stride_qb + (hk * N_REP + offs_r[:, None]) * stride_qh + offs_d[None, :]
         qmask = (offs_r[:, None] < N_REP) & (offs_d[None, :] < D)
         q1 = tl.load(Q1 + q_off, mask=qmask, other=0.0)
@@ -385,9 +390,7 @@ if triton is not None:
         """Merge the splits of one (batch, K/V head) for both maps, then out = O1 − λ·O2."""
         pid_bk = tl.program_id(0)  # = b·HKV + hk; OUT is contiguous (B, H, 1, 2d)
         offs_r = tl.arange(0, BLOCK_R)
-        offs_e = tl.arange(0, 2 * BLOCK_D)
-        ch_e = tl.where(offs_e < BLOCK_D, offs_e, offs_e - BLOCK_D + D)
-        ok_e = (offs_e % BLOCK_D) < D
+        offs_e, ch_e, ok_e = _value_channels(D, BLOCK_D)
         acc_off = offs_r[:, None] * (2 * BLOCK_D) + offs_e[None, :]
         gm1 = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
         gm2 = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
