@@ -54,7 +54,8 @@ def check_fwd_bwd(b, h, hkv, t, d, causal, dtype=torch.float32, tol=2e-5):
     out = triton_diff.differential(*inputs, is_causal=causal, scale=scale)
     ref = reference(*inputs, scale, causal)
     assert out.shape == (b, h, t, 2 * d) and out.dtype == dtype
-    rel = lambda a, r: ((a.double() - r).norm() / r.norm()).item()  # noqa: E731
+    # relative error; a gradient that is exactly 0 in theory (T = 1: dQ) is judged on an absolute scale
+    rel = lambda a, r: ((a.double() - r).norm() / r.norm().clamp_min(1.0)).item()  # noqa: E731
     assert rel(out, ref) < tol
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
     got = torch.autograd.grad(out, inputs, g.to(dtype))
