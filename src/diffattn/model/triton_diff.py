@@ -38,7 +38,9 @@ CPU: under the Triton interpreter (``TRITON_INTERPRET=1`` set before this module
 same kernels run on CPU tensors; that is how the tests check them against ``eager``. The
 interpreter's bf16 ``tl.dot`` multiplies the raw bit patterns (triton 3.9), so under the
 interpreter bf16 tiles are widened to fp32 right before each dot (a no-op for the rounding: the
-operands are already bf16 values). The GPU block sizes are autotuned among a few configurations.
+operands are already bf16 values). GPU tile sizes and warps are fixed per head_dim in
+``_fwd_blocks``/``_bwd_blocks``; they are educated guesses, not yet tuned on hardware (no GPU was
+available when this was written; ``benchmarks/run_gpu.sh`` measures them).
 """
 
 from __future__ import annotations
