@@ -200,6 +200,26 @@ def test_train_dex_gradients_reach_only_wd_and_lambda(family):
     assert names == {"W_D", "lambda_learn"}
 
 
+def test_zero_init_is_a_stationary_point_that_the_schedule_leaves():
+    """W_D = 0, λ = 0: no gradient reaches W_D or λ_learn; at t = 1 < T the λ_init term gives W_D one."""
+    m = tiny("llama")
+    apply_dex(m, {0: [0, 1], 1: [2]}, DEXOptions(anneal_steps=4))
+    configure_trainable(m, "dex")
+    x = ids()
+
+    def grads(t):
+        set_dex_step(m, t)
+        for w in adapter_modules(m):
+            w.W_D.grad = w.lambda_learn.grad = None
+        lg = m(x).logits
+        F.cross_entropy(lg[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+        return [(float(w.W_D.grad.abs().sum()), float(w.lambda_learn.grad.abs())) for w in adapter_modules(m)]
+
+    assert all(gw == 0 and gl == 0 for gw, gl in grads(0))
+    assert all(gw > 0 and gl == 0 for gw, gl in grads(1))   # λ(1) = (3/4)(1/4)λ_init > 0; λ_learn waits for W_D ≠ 0
+    assert all(gw == 0 and gl == 0 for gw, gl in grads(4))  # t ≥ T with λ_learn = 0: stuck (hence T ≥ 2 in the CLI)
+
+
 def test_train_modes_dex_o_proj_and_all():
     m = tiny("llama")
     apply_dex(m, {1: [0]}, DEXOptions())

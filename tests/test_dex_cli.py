@@ -174,6 +174,10 @@ def test_errors_are_one_line_with_exit_2(tiny_base, tmp_path, capsys):
     assert rc == 2 and "head 9 out of range" in err
     assert not (tmp_path / "o").exists()
 
+    rc, _, err = run(["adapt", "dex", "--base", str(base), "--out", str(tmp_path / "o"), "--anneal-steps", "1",
+                      *common], capsys)
+    assert rc == 2 and "stationary point" in err
+
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     rc, _, err = run(["adapt", "dex", "--base", str(base), "--out", str(tmp_path / "full"), *common], capsys)

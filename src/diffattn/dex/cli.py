@@ -108,7 +108,10 @@ def run_dex(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else max(1, math.ceil(tokens / (args.batch_size * args.seq_len)))
     if steps < 1:
         raise ValueError("--steps must be >= 1")
-    T = args.anneal_steps if args.anneal_steps is not None else max(1, steps // 2)
+    T = args.anneal_steps if args.anneal_steps is not None else max(2, steps // 2)
+    if method == "dex" and T < 2 and args.lambda_learn_init == 0:
+        raise ValueError(f"--anneal-steps {T} with --lambda-learn-init 0 never leaves DEX's stationary point "
+                         f"(W_D = 0, λ = 0): nothing would train; use T >= 2 or a nonzero --lambda-learn-init")
     options = DEXOptions(**{**probe_opts.to_dict(), "anneal_steps": T})
 
     # head selection
