@@ -21,7 +21,7 @@ def model_shapes(draw):
     head_dim = draw(st.sampled_from([2, 4, 8]))
     extra = {}
     if attention == "shared_diff":
-        extra["shared_rank"] = draw(st.integers(1, 4))
+        extra["shared_rank"] = draw(st.integers(1, min(4, n_head * head_dim)))
         extra["shared_init"] = "random"
     return dict(attention=attention, n_head=n_head, n_kv_head=n_kv, head_dim=head_dim,
                 d_model=draw(st.sampled_from([8, 12, 16])), **extra), draw(st.integers(1, 13)), draw(st.integers(1, 3))
