@@ -7,8 +7,9 @@ outputs, a probe on the pre-softmax attention logits, and the learned λ of diff
   Attention maps come from the ``eager`` kernel with ``return_maps=True`` (the kernel is switched
   for the call only): for DIFF variants the *effective* map A1 − λ·A2 and both components.
   Pre-softmax logits: :meth:`logit_probe` swaps each attention module's kernel for
-  :func:`probe_kernel`, the eager kernel with a hook between QKᵀ·scale and the softmax (no model
-  code changes; the original kernels are restored on exit). With a hook that returns ``None`` it
+  :func:`probe_kernel`, the eager kernel with a hook between QKᵀ·scale and the softmax, and turns
+  off the fused differential kernel for the duration, so both DIFF maps pass through the probe (no
+  model code changes; the original kernels are restored on exit). With a hook that returns ``None`` it
   computes exactly what the eager kernel computes.
 * :class:`HFAdapter` wraps any ``AutoModelForCausalLM`` directory (remote code only when the user
   passes ``trust_remote_code=True``). Maps: ``attn_implementation="eager"`` and
@@ -90,7 +91,7 @@ class ModelAdapter:
         self.device = torch.device(device)
         self.dtype = dtype
         self.path = None if path is None else Path(path).resolve()
-        self.name = name or (self.path.name if self.path else self.kind)
+        self.name = name or (_display_name(self.path) if self.path else self.kind)
 
     # ---- required by most tasks
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -140,6 +141,13 @@ class ModelAdapter:
                 "vocab_size": self.vocab_size, "n_layer": self.n_layer}
 
 
+def _display_name(path: Path) -> str:
+    """``runs/tiny/checkpoints/step-000200`` -> ``tiny-step-000200``; otherwise the directory name."""
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        return f"{path.parent.parent.name}-{path.name}"
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
 # =============================================================================================
 # diffattn
 
@@ -176,6 +184,17 @@ def probe_kernel(q, k, v, *, mask=None, is_causal=True, scale, need_weights=Fals
     return out, (probs if need_weights else None)
 
 
+def _kernels_of(attn) -> tuple:
+    """(kernel, fused differential kernel or None) of a diffattn attention module."""
+    return attn.kernel, getattr(attn, "diff_kernel", None)
+
+
+def _set_kernels(attn, kernel, diff_kernel) -> None:
+    attn.kernel = kernel
+    if hasattr(attn, "diff_kernel"):
+        attn.diff_kernel = diff_kernel
+
+
 class DiffattnAdapter(ModelAdapter):
     kind = "diffattn"
 
@@ -206,16 +225,16 @@ class DiffattnAdapter(ModelAdapter):
         if model.config.kernel == "eager":
             yield
             return
-        old_cfg, old = model.config, [b.attn.kernel for b in model.layers]
+        old_cfg, old = model.config, [_kernels_of(b.attn) for b in model.layers]
         model.config = old_cfg.replace(kernel="eager")
         for b in model.layers:
-            b.attn.kernel = get_kernel("eager")
+            _set_kernels(b.attn, get_kernel("eager"), None)
         try:
             yield
         finally:
             model.config = old_cfg
-            for b, kern in zip(model.layers, old):
-                b.attn.kernel = kern
+            for b, kerns in zip(model.layers, old):
+                _set_kernels(b.attn, *kerns)
 
     @torch.no_grad()
     def attention_maps(self, ids, last_rows=None):
@@ -268,14 +287,14 @@ class DiffattnAdapter(ModelAdapter):
                 return fn(ProbeSite(layer, call, comp), scores, allowed)
             return hook
 
-        old = [b.attn.kernel for b in self.model.layers]
-        for i, b in enumerate(self.model.layers):
-            b.attn.kernel = partial(probe_kernel, hook=hook_for(i))
+        old = [_kernels_of(b.attn) for b in self.model.layers]
+        for i, b in enumerate(self.model.layers):  # no fused differential path: both maps go through the probe
+            _set_kernels(b.attn, partial(probe_kernel, hook=hook_for(i)), None)
         try:
             yield
         finally:
-            for b, kern in zip(self.model.layers, old):
-                b.attn.kernel = kern
+            for b, kerns in zip(self.model.layers, old):
+                _set_kernels(b.attn, *kerns)
 
     def needs_lambda_data(self):
         return self.config.attention == "diff_v2"
@@ -726,7 +745,7 @@ def load(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
     adapter = load_model_adapter(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                  adapter=dex_adapter)
     where = adapter.path
-    tok_path = tokenizer if tokenizer is not None else (where if where.is_dir() else where.parent)
+    tok_path = tokenizer if tokenizer is not None else where  # a dir, or a .gguf file with its own tokenizer
     tok = load_tokenizer(tok_path, trust_remote_code=trust_remote_code)
     if tok.vocab_size > adapter.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary has only "

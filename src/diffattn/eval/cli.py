@@ -91,8 +91,13 @@ def run(task: str, args: argparse.Namespace) -> int:
     fn(adapter, tokenizer, options, out)
     md = (out / "results.md").read_text()
     body = md.split("\n## ", 1)
-    print(("## " + body[1]) if len(body) > 1 else md, end="")
-    print(f"\nwrote {out}/results.json, results.md and plots")
+    try:
+        print(("## " + body[1]) if len(body) > 1 else md, end="")
+        print(f"\nwrote {out}/results.json, results.md and plots", flush=True)
+    except BrokenPipeError:  # `| head`: the results are on disk; stop writing to the closed pipe
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

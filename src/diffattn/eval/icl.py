@@ -231,7 +231,7 @@ def auto_shots(enc: Encoded, prefix, sep, budget) -> tuple[list[int], int]:
 
 def run_dataset(adapter, tokenizer, ds: ICLDataset, options: IclOptions) -> dict:
     enc = encode_dataset(tokenizer, ds, options, options.seed)
-    labels = sorted({lab for _, lab in enc.demos} | {lab for _, lab in enc.tests})
+    labels = ds.labels  # every class of the dataset competes, also those absent from this draw
     if len(labels) < 2:
         raise ValueError(f"{ds.name}: needs at least two labels, found {labels}")
     chooser = LabelChooser(tokenizer, labels, options.separator)

@@ -51,14 +51,14 @@ class TextTokenizer:
     # ------------------------------------------------------------------ encoding
     def encode(self, text: str) -> list[int]:
         if self.is_hf:
-            return list(self.backend(text, add_special_tokens=False)["input_ids"])
+            return list(self.backend(text, add_special_tokens=False, verbose=False)["input_ids"])
         return list(self.backend.encode(text, add_special_tokens=False).ids)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if not texts:
             return []
         if self.is_hf:
-            return [list(x) for x in self.backend(list(texts), add_special_tokens=False)["input_ids"]]
+            return [list(x) for x in self.backend(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
         return [list(e.ids) for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -161,6 +161,14 @@ def _sha256(path: Path) -> str:
 def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) -> TextTokenizer:
     """A tokenizer from a ``tokenizer.json`` file, a diffattn model dir, or an HF model/tokenizer dir."""
     p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":  # the tokenizer embedded in a GGUF file
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        except Exception as e:
+            raise ValueError(f"{p}: cannot load the GGUF tokenizer ({str(e).splitlines()[0] if str(e) else e})") from None
+        return TextTokenizer.from_hf(tok, source=str(p.resolve()))
     if p.is_file():
         return TextTokenizer.from_file(p)
     if not p.is_dir():
