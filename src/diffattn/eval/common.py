@@ -122,9 +122,8 @@ def parse_nr(items: Sequence[str]) -> list[tuple[int, int]]:
 
 # --------------------------------------------------------------------------- options <-> argparse / TOML
 
-def _field_kind(f: dataclasses.Field) -> tuple[Callable[[str], Any] | None, bool, bool]:
-    """(scalar parser, is_list, is_bool) for a field's annotation."""
-    tp = f.type if not isinstance(f.type, str) else _resolve_annotation(f.type)
+def _field_kind(tp: Any) -> tuple[Callable[[str], Any] | None, bool, bool]:
+    """(scalar parser, is_list, is_bool) for a field's (resolved) annotation."""
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
@@ -135,10 +134,6 @@ def _field_kind(f: dataclasses.Field) -> tuple[Callable[[str], Any] | None, bool
     if tp is bool:
         return None, False, True
     return (tp if tp in (int, float, str) else str), False, False
-
-
-def _resolve_annotation(text: str):
-    return eval(text, {"list": list, "int": int, "float": float, "str": str, "bool": bool, "None": None})  # noqa: S307
 
 
 def _list_parser(elem: Callable[[str], Any], name: str) -> Callable[[str], list]:
@@ -158,10 +153,11 @@ def add_options_to_parser(parser, cls: type[TaskOptions]) -> None:
     """One ``--flag`` per options field; defaults are applied later (argparse default ``None``)."""
     import argparse
 
+    hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name == "seed":
             continue  # common flag, added by the CLI
-        elem, is_list, is_bool = _field_kind(f)
+        elem, is_list, is_bool = _field_kind(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_ = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")

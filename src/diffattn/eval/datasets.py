@@ -319,14 +319,13 @@ class Corpus:
     spec: str
     kind: str                                   # "shards" | "files" | "source"
     _texts: list[str] | None = None
-    _tokens: list[list[int]] | None = None      # already in the model tokenizer's ids
+    _tokens: list[list[int]] | None = None      # shards: token ids of the shard tokenizer
     _shard_tokenizer: object | None = None
     info: dict = field(default_factory=dict)
 
     def texts(self) -> list[str]:
-        if self._texts is None:
-            tok = self._shard_tokenizer
-            self._texts = [tok.decode(d) for d in self._raw_shard_docs]  # type: ignore[attr-defined]
+        if self._texts is None:  # shards: decode with the shard directory's own tokenizer
+            self._texts = [self._shard_tokenizer.decode(d) for d in self._tokens]
         return self._texts
 
     def token_docs(self, tokenizer) -> list[list[int]]:
@@ -383,11 +382,9 @@ def _shard_corpus(path: Path, tokenizer) -> Corpus:
         start = c + 1
     tok_file = path / index.get("tokenizer", "tokenizer.json")
     shard_tok = TextTokenizer.from_file(tok_file)
-    corpus = Corpus(str(path), "shards", _tokens=docs, _shard_tokenizer=shard_tok,
-                    info={"documents": len(docs), "tokens": int(len(tokens)), "split": "val",
-                          "tokenizer_sha256": shard_tok.sha256, "content_hash": index.get("content_hash")})
-    corpus._raw_shard_docs = docs  # type: ignore[attr-defined]
-    return corpus
+    return Corpus(str(path), "shards", _tokens=docs, _shard_tokenizer=shard_tok,
+                  info={"documents": len(docs), "tokens": int(len(tokens)), "split": "val",
+                        "tokenizer_sha256": shard_tok.sha256, "content_hash": index.get("content_hash")})
 
 
 def stream_tokens(docs: Sequence[Sequence[int]], eos_id: int | None) -> list[int]:
