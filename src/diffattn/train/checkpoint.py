@@ -8,11 +8,16 @@ Layout (``OUT/checkpoints/step-000020/`` = the state after 20 optimizer steps)::
     train_state.safetensors   optimizer state as tensors: "optim/<param name>/<exp_avg|exp_avg_sq|step>"
     train_state.json          step, tokens, schedule, data position, RNG states (base64/lists),
                               optimizer param groups, TrainConfig, world size
+    checksums.json            sha256 + size of every other file, written last (docs/reliability.md)
 
 Everything is safetensors or JSON: nothing is ever unpickled. :func:`save_checkpoint` is the one
 writer: it fills a hidden temporary directory next to the target, fsyncs it and renames it into
 place, so a directory named ``step-NNNNNN`` is always complete; then it prunes all but the last
-``keep`` checkpoints. :func:`latest_checkpoint` ignores temporary and incomplete directories.
+``keep`` checkpoints. :func:`latest_checkpoint` ignores temporary and incomplete directories;
+:func:`load_checkpoint` verifies ``checksums.json`` and names a corrupt file, and
+:func:`latest_intact_checkpoint` finds the newest checkpoint that verifies (for ``--resume``).
+A failed write (disk full, read-only directory) raises :class:`CheckpointWriteError` (one line)
+and leaves the previous checkpoints as they were.
 Weights and optimizer state are stored *full* (gathered from DDP/FSDP ranks by the trainer), keyed
 by parameter name, so a checkpoint written by N processes resumes in M.
 """
@@ -37,6 +42,9 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, WEIGHT_PREFIX, read_config, save_model
 from ..config import ModelConfig
 from ..model import build_model
+from ..utils.errors import CorruptFileError, RunError
+from ..utils.integrity import verify_checksums, write_checksums
+from .faults import checkpoint_write_point
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "train_state.json"
@@ -44,6 +52,10 @@ STATE_TENSORS = "train_state.safetensors"
 STATE_FORMAT = "diffattn-train-state-v1"
 REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME, STATE_TENSORS, STATE_JSON)
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+class CheckpointWriteError(RunError):
+    """A checkpoint could not be written (disk full, read-only or vanished directory); exit code 1."""
 
 
 def step_dir_name(step: int) -> str:
@@ -159,8 +171,21 @@ def save_checkpoint(out: str | os.PathLike, step: int, *, model_config: ModelCon
     (step, tokens, scheduler, data position, RNG, TrainConfig, ...). Returns the checkpoint path.
     """
     root = Path(out) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
+    try:
+        return _save_checkpoint(root, final, step, model_config=model_config, model_state=model_state,
+                                optimizer_state=optimizer_state, train_state=train_state,
+                                tokenizer_file=tokenizer_file, keep=keep)
+    except OSError as e:
+        previous = [p.name for _, p in list_checkpoints(out) if p != final]
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        reason = f"{e.strerror} ({e.filename})" if e.strerror and e.filename else (e.strerror or str(e))
+        raise CheckpointWriteError(f"cannot write checkpoint {final}: {reason}; {kept}") from e
+
+
+def _save_checkpoint(root: Path, final: Path, step: int, *, model_config, model_state, optimizer_state,
+                     train_state, tokenizer_file, keep) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         with torch.device("meta"):
@@ -168,13 +193,18 @@ def save_checkpoint(out: str | os.PathLike, step: int, *, model_config: ModelCon
         shell.load_state_dict(model_state, assign=True, strict=True)
         shutil.rmtree(tmp)  # save_model renames its own temporary directory onto this path
         save_model(shell, tmp, tokenizer_file=tokenizer_file)
+        checkpoint_write_point("model-written", step)
         tensors, optim_meta = flatten_optimizer_state(optimizer_state)
         save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": STATE_FORMAT})
+        checkpoint_write_point("optimizer-written", step)
         state = {"format": STATE_FORMAT, **train_state, "step": step, "optimizer": optim_meta}
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
         for name in (STATE_TENSORS, STATE_JSON):
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
+        checkpoint_write_point("state-written", step)
+        write_checksums(tmp)  # last: it vouches for every byte above
+        checkpoint_write_point("before-rename", step)
         if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
             old = root / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
@@ -186,10 +216,12 @@ def save_checkpoint(out: str | os.PathLike, step: int, *, model_config: ModelCon
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    checkpoint_write_point("renamed", step)
     if keep is not None:
-        for _, path in list_checkpoints(out)[:-keep]:
+        for _, path in list_checkpoints(root.parent)[:-keep]:
             doomed = root / f".{path.name}.del-{os.getpid()}"
             os.replace(path, doomed)  # hidden first: a crash mid-delete never leaves a partial step dir
+            checkpoint_write_point("pruning", step)
             shutil.rmtree(doomed, ignore_errors=True)
     return final
 
@@ -218,9 +250,33 @@ def read_train_state(path: str | os.PathLike) -> dict:
     return state
 
 
+def verify_checkpoint(path: str | os.PathLike) -> bool:
+    """Check a checkpoint's files against its checksums.json (CorruptFileError names the bad file).
+    Returns False for a checkpoint written before checksums existed (only parsing checks apply)."""
+    return verify_checksums(path)
+
+
+def latest_intact_checkpoint(out: str | os.PathLike, report=None) -> Path | None:
+    """The newest complete checkpoint under ``OUT/checkpoints`` whose files verify; for each newer
+    corrupt one, ``report(path, error)`` is called (e.g. to say which one is skipped)."""
+    for _, path in reversed(list_checkpoints(out)):
+        try:
+            verify_checkpoint(path)
+            read_train_state(path)
+            read_config(path)
+        except (CorruptFileError, ValueError, OSError) as e:
+            if report is not None:
+                report(path, e)
+            continue
+        return path
+    return None
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], dict, dict]:
-    """(model config, full model state dict, full optimizer state dict, train_state.json) of a checkpoint."""
+    """(model config, full model state dict, full optimizer state dict, train_state.json) of a checkpoint.
+    Verifies checksums.json first: a truncated or changed file raises CorruptFileError naming it."""
     path = Path(path)
+    verify_checkpoint(path)
     config = read_config(path)
     state = read_train_state(path)
     try:
@@ -233,4 +289,5 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
 
 
 __all__ = ["CHECKPOINTS", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+           "latest_intact_checkpoint", "verify_checkpoint", "CheckpointWriteError",
            "read_train_state", "rng_state", "set_rng_state", "step_dir_name", "remove_stale_temporaries"]
