@@ -230,8 +230,8 @@ def test_tiny_model_trains_and_val_loss_falls(corpus, tmp_path, capsys):
     assert [s for s, _ in list_checkpoints(out)] == [40, 50]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000040", "step-000050"]
     ckpt = out / "checkpoints" / "step-000050"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
-                                                       "train_state.json", "train_state.safetensors"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "train_state.json", "train_state.safetensors"} \
+        <= {p.name for p in ckpt.iterdir()}
     assert (ckpt / "tokenizer.json").read_bytes() == (corpus / "tokenizer.json").read_bytes()
     run = json.loads((out / "run.json").read_text())
     assert run["train_config"]["max_steps"] == 50 and run["model_config"]["attention"] == "diff_v1"

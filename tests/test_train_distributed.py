@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,12 +33,29 @@ STEPS = 6
 COMMON = dict(max_steps=STEPS, checkpoint_every=3, keep_checkpoints=5, eval_every=3, log_every=1)
 
 
-def torchrun(cwd, *args):
+def processes_running(needle: str) -> list[int]:
+    """PIDs whose command line contains ``needle`` (Linux /proc; [] elsewhere)."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def torchrun(cwd, config, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "diffattn", "train", *map(str, args)]
+           "-m", "diffattn", "train", "--config", str(config), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    # every rank exits: no worker is left hanging in process-group teardown (a gloo deadlock we fixed)
+    deadline = time.monotonic() + 20
+    while processes_running(str(config)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_running(str(config)), "a torchrun worker did not exit"
     return result
 
 
@@ -68,7 +87,7 @@ def ckpt(out, step):
 def test_ddp_two_processes_equal_one_process_with_accumulation(setup):
     root, corpus = setup
     cfg = write_config(root / "ddp.toml", corpus, root / "ddp", grad_accum=1, **COMMON)
-    result = torchrun(root, "--config", cfg)
+    result = torchrun(root, cfg)
     assert "2 x cpu (ddp)" in result.stderr
     assert_same_weights(ckpt(root / "single", STEPS), ckpt(root / "ddp", STEPS))
     single, ddp = read_metrics(root / "single", "train"), read_metrics(root / "ddp", "train")
@@ -96,7 +115,7 @@ def test_fsdp2_two_processes_equal_one_process_and_resume_from_one(setup):
     """FSDP2 from scratch, and FSDP2 resuming (1 -> N) a checkpoint written by one process."""
     root, corpus = setup
     cfg = write_config(root / "fsdp.toml", corpus, root / "fsdp", grad_accum=1, parallel="fsdp", **COMMON)
-    result = torchrun(root, "--config", cfg)
+    result = torchrun(root, cfg)
     assert "2 x cpu (fsdp)" in result.stderr
     assert_same_weights(ckpt(root / "single", STEPS), ckpt(root / "fsdp", STEPS))
     assert [s for s, _ in list_checkpoints(root / "fsdp")] == [3, 6]
@@ -105,6 +124,6 @@ def test_fsdp2_two_processes_equal_one_process_and_resume_from_one(setup):
     out = root / "one-to-fsdp"
     shutil.copytree(ckpt(root / "single", 3), ckpt(out, 3))
     cfg = write_config(root / "tofsdp.toml", corpus, out, grad_accum=1, parallel="fsdp", **COMMON)
-    result = torchrun(root, "--config", cfg, "--resume")
+    result = torchrun(root, cfg, "--resume")
     assert "resuming at step 3" in result.stderr
     assert_same_weights(ckpt(root / "single", STEPS), ckpt(out, STEPS))

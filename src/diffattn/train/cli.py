@@ -8,7 +8,6 @@ import sys
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import distributed as D
     from .config import load_run_file
     from .trainer import Trainer, plan_run
 
@@ -35,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{state} at step {summary['step']} ({summary['tokens']:,} tokens){val}; "
                   f"checkpoint {summary['checkpoint']}", flush=True)
     finally:
-        D.teardown(trainer.info)
+        trainer.close()
     return 0
 
 

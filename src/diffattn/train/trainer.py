@@ -20,6 +20,7 @@ Use from Python::
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -381,6 +382,17 @@ class Trainer:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         os.replace(tmp, self.out / RUN_FILE)
 
+    def close(self) -> None:
+        """Release the model, optimizer and process group (under torchrun: call on every rank).
+
+        Order matters with gloo: the DDP reducer / FSDP state hold the process group, and a process
+        group destroyed last from a Python finaliser can deadlock joining its worker threads. So all
+        ranks meet at a barrier, drop their references, and only then destroy the group."""
+        D.barrier(self.info)
+        self.model = self.raw = self.optimizer = None
+        gc.collect()
+        D.teardown(self.info)
+
     # ------------------------------------------------------------------ graceful stop
     def request_stop(self) -> None:
         """Finish the current step, checkpoint and return from :meth:`fit` (also on SIGINT/SIGTERM)."""
@@ -418,7 +430,7 @@ def train(tables: dict[str, dict], *, resume: bool = False, stop_at_step: int | 
     try:
         return trainer.fit(stop_at_step=stop_at_step)
     finally:
-        D.teardown(trainer.info)
+        trainer.close()
 
 
 __all__ = ["Trainer", "StepResult", "RunPlan", "plan_run", "train", "lm_loss", "enable_activation_checkpointing"]
