@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from . import __version__
+from .utils.errors import RunError
 
 # subcommand -> "module" providing add_parser(subparsers), or "module:function"
 SUBCOMMANDS: dict[str, str] = {
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"diffattn {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except RunError as e:  # a run stopped cleanly on a fault (disk full, non-finite steps): docs/reliability.md
+        print(f"diffattn {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"diffattn {args.command}: interrupted", file=sys.stderr)
         return 130

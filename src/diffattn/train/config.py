@@ -138,6 +138,10 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar (on a terminal)
     tensorboard: bool = True  # also log to OUT/tensorboard when the tensorboard package is installed
     peak_tflops: float | None = None  # accelerator peak for MFU; default: looked up for known GPUs (bf16)
+    # --- numerical faults (faults.py, docs/reliability.md) ---
+    max_skipped_steps: int = 10  # non-finite loss/grad steps are skipped; more than this many stop the run (exit 3)
+    lambda_alarm: float = 10.0  # report a DIFF layer whose |λ| exceeds this (0: off)
+    grad_spike_factor: float = 10.0  # report a grad norm above this x the running median of the last 100 (0: off)
 
     def __post_init__(self) -> None:
         _str("data", self.data)
@@ -177,6 +181,9 @@ class TrainConfig:
         _bool("progress", self.progress)
         _bool("tensorboard", self.tensorboard)
         _float("peak_tflops", self.peak_tflops, 0.0, 1e9, lo_open=True, optional=True)
+        _int("max_skipped_steps", self.max_skipped_steps, 0, 1 << 40)
+        _float("lambda_alarm", self.lambda_alarm, 0.0, 1e9)
+        _float("grad_spike_factor", self.grad_spike_factor, 0.0, 1e9)
 
     # ------------------------------------------------------------------ derived
     def resolved_seq_len(self, model: ModelConfig) -> int:

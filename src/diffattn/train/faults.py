@@ -108,25 +108,29 @@ class NumericsGuard:
         return NumericalFault(f"stopped at step {step}: {self.skipped} non-finite steps skipped, more than "
                               f"max_skipped_steps={self.max_skipped_steps}{kept}")
 
-    def watch(self, step: int, grad_norm: float, lambdas: list[float] | None) -> list[dict]:
-        """Alarm records for exploded λ / gradient norm at this (finite) step, each also warned."""
+    def watch_grad(self, step: int, grad_norm: float) -> list[dict]:
+        """An alarm record (also warned) when this finite step's gradient norm is a spike."""
         alarms = []
         if self.grad_spike_factor > 0 and len(self.norms) >= SPIKE_MIN_HISTORY:
             median = statistics.median(self.norms)
             if median > 0 and grad_norm > self.grad_spike_factor * median:
                 alarms.append({"kind": "alarm", "step": step, "what": "grad_norm", "grad_norm": grad_norm,
                                "running_median": median, "factor": self.grad_spike_factor})
+                warnings.warn(f"step {step}: grad norm {grad_norm:.4g} > {self.grad_spike_factor:g} x running "
+                              f"median {median:.4g}", TrainingAlarm, stacklevel=2)
         self.norms.append(grad_norm)
-        if lambdas and self.lambda_alarm > 0:
-            for layer, lam in enumerate(lambdas):
+        return alarms
+
+    def watch_lambda(self, step: int, lambdas: list[float]) -> list[dict]:
+        """Alarm records (also warned) for every DIFF layer whose λ is non-finite or |λ| > lambda_alarm."""
+        alarms = []
+        if self.lambda_alarm > 0:
+            for layer, lam in enumerate(lambdas or []):
                 if not math.isfinite(lam) or abs(lam) > self.lambda_alarm:
                     alarms.append({"kind": "alarm", "step": step, "what": "lambda", "layer": layer,
                                    "lambda": _json_float(lam), "threshold": self.lambda_alarm})
-        for a in alarms:
-            detail = (f"grad norm {a['grad_norm']:.4g} > {a['factor']:g} x running median {a['running_median']:.4g}"
-                      if a["what"] == "grad_norm" else
-                      f"layer {a['layer']} lambda {a['lambda']} exceeds |{a['threshold']:g}|")
-            warnings.warn(f"step {step}: {detail}", TrainingAlarm, stacklevel=2)
+                    warnings.warn(f"step {step}: layer {layer} lambda {lam} exceeds |{self.lambda_alarm:g}|",
+                                  TrainingAlarm, stacklevel=2)
         return alarms
 
 

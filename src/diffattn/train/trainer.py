@@ -25,6 +25,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -40,8 +41,10 @@ from ..data.loader import TokenShards, WindowSampler, eval_batches, n_eval_windo
 from ..model import build_model
 from . import distributed as D
 from ..checkpoint import read_config
-from .checkpoint import (latest_checkpoint, load_checkpoint, read_train_state, remove_stale_temporaries, rng_state,
-                         save_checkpoint, set_rng_state)
+from ..utils.lock import DirLock
+from .checkpoint import (latest_checkpoint, latest_intact_checkpoint, load_checkpoint, read_train_state,
+                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
+from .faults import NumericsGuard, nan_injected
 from .config import TrainConfig, resolve_model_config
 from .metrics import MetricsLog, flops_per_token, lambda_values, peak_flops
 from .optim import build_optimizer, clip_grad_norm, set_lr
@@ -73,6 +76,7 @@ class StepResult:
     loss: torch.Tensor  # this rank's mean loss over its micro-batches (0-d, on device; not synced)
     grad_norm: torch.Tensor  # global gradient norm before clipping
     lr: float
+    skipped: bool = False  # non-finite loss or gradient on some rank: no update was made (faults.py)
 
 
 # ---------------------------------------------------------------------- planning (validation only)
@@ -112,6 +116,13 @@ def plan_run(tables: dict[str, dict], *, resume: bool = False, world_size: int |
     if resume:
         if latest is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
+        corrupt: list[tuple[Path, Exception]] = []
+        latest = latest_intact_checkpoint(out, report=lambda path, err: corrupt.append((path, err)))
+        if latest is None:
+            raise ValueError(f"--resume: no intact checkpoint in {out / 'checkpoints'} (newest: {corrupt[0][1]})")
+        if corrupt:  # one line: which ones are skipped and why, and where the run continues
+            print(f"diffattn train: skipping corrupt checkpoint {', '.join(p.name for p, _ in corrupt)} "
+                  f"({corrupt[0][1]}); resuming from {latest.name}", file=sys.stderr, flush=True)
         saved = read_config(latest)
         if saved != model_config:
             diff = [k for k, v in saved.to_dict().items() if model_config.to_dict()[k] != v]
@@ -188,6 +199,9 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self._stop = False
+        self.guard = NumericsGuard(config.max_skipped_steps, config.lambda_alarm, config.grad_spike_factor,
+                                   skipped=int((resumed or {}).get("skipped_steps", 0)))
+        self._lock: DirLock | None = None
 
     # ------------------------------------------------------------------ numerics
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -218,9 +232,19 @@ class Trainer:
             with D.grad_sync(self.model, self.raw, cfg, info, sync=micro == n - 1):
                 with self.autocast():
                     loss = lm_loss(self.model(x), y)
+                    if nan_injected(step):  # test hook (faults.py)
+                        loss = loss * float("nan")
                 (loss / n).backward()
             loss_sum += loss.detach() / n
         grad_norm = clip_grad_norm(self.raw.parameters(), cfg.grad_clip)
+        # a non-finite loss or gradient on any rank: skip the update everywhere (one sync per step)
+        bad = (~torch.isfinite(torch.stack((loss_sum.float(), grad_norm.float().to(loss_sum.device))))).any()
+        bad = bad.float().reshape(1)
+        if info.distributed:
+            D.all_reduce_max(bad, info)
+        if bool(bad.item()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss=loss_sum, grad_norm=grad_norm, lr=lr, skipped=True)
         self.optimizer.step()
         return StepResult(loss=loss_sum, grad_norm=grad_norm, lr=lr)
 
@@ -265,7 +289,7 @@ class Trainer:
                          "data_dir": str(self.config.data),
                          "content_hash": self.train_shards.index.get("content_hash")},
                 "rng": rngs, "world_size": info.world_size,
-                "val_loss": self.last_val_loss,
+                "val_loss": self.last_val_loss, "skipped_steps": self.guard.skipped,
                 "train_config": self.config.to_dict(),
                 "diffattn_version": __version__, "torch_version": torch.__version__,
             }
@@ -287,6 +311,8 @@ class Trainer:
             return self._summary()
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            # one process per run directory: a second one refuses (OutDirLocked, exit 2)
+            self._lock = DirLock(self.out, "diffattn train").acquire()
             remove_stale_temporaries(self.out)
             self._write_run_file()
         D.barrier(info)
@@ -308,8 +334,15 @@ class Trainer:
                     train_time += time.perf_counter() - t_step
                     self.step += 1
                     self.tokens += self.tokens_per_step
-                    loss_acc += result.loss
-                    n_acc += 1
+                    if result.skipped:  # counted and logged; too many stop the run, keeping the last checkpoint
+                        log.write(self.guard.skip(self.step, float(result.loss), float(result.grad_norm)))
+                        if self.guard.over_limit():
+                            raise self.guard.fault(self.step, self.last_checkpoint or latest_checkpoint(self.out))
+                    else:
+                        loss_acc += result.loss
+                        n_acc += 1
+                        for alarm in self.guard.watch_grad(self.step, float(result.grad_norm)):
+                            log.write(alarm)
                     if bar is not None:
                         bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == target:
@@ -318,7 +351,7 @@ class Trainer:
                             torch.cuda.synchronize(self.device)
                             train_time += time.perf_counter() - t_sync
                         now = time.perf_counter()
-                        loss = float(D.all_reduce_sum(loss_acc.clone(), info)) / (n_acc * info.world_size)
+                        loss = float(D.all_reduce_sum(loss_acc.clone(), info)) / max(n_acc * info.world_size, 1)
                         tok_s = (self.tokens - tokens_log) / max(train_time, 1e-9)
                         record = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss,
                                   "lr": result.lr, "grad_norm": float(result.grad_norm), "tokens_per_s": tok_s,
@@ -329,6 +362,8 @@ class Trainer:
                         if lams:
                             record["lambda"] = lams
                         log.write(record)
+                        for alarm in self.guard.watch_lambda(self.step, lams):
+                            log.write(alarm)
                         if bar is not None:
                             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                         loss_acc, n_acc, train_time, tokens_log = torch.zeros((), device=self.device), 0, 0.0, self.tokens
@@ -346,6 +381,9 @@ class Trainer:
             if bar is not None:
                 bar.close()
             log.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
         return self._summary()
 
     def _summary(self) -> dict:
