@@ -90,6 +90,12 @@ class DecoderLM(nn.Module):
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty along time")
+        if torch.compiler.is_compiling():
+            return  # shapes and dtypes were checked when tracing; a value check would break the graph
+        if input_ids.device.type != "cpu":  # no host sync per forward on accelerators
+            torch._assert_async(((input_ids >= 0) & (input_ids < self.config.vocab_size)).all(),
+                                f"token id out of range [0, {self.config.vocab_size}) (vocab_size)")
+            return
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
