@@ -11,9 +11,11 @@
 * Test hooks, read from the environment so that a test can drive a ``diffattn train``
   subprocess (docs/reliability.md):
 
-  - ``DIFFATTN_TEST_PAUSE_IN_CHECKPOINT_WRITE=SECONDS`` (``1`` = 1 s): at each point inside a
-    checkpoint write (:func:`checkpoint_write_point`) print ``diffattn-test: checkpoint-write
-    <point> <step>`` on stderr and sleep, so a test can SIGKILL the process mid-write.
+  - ``DIFFATTN_TEST_PAUSE_IN_CHECKPOINT_WRITE=SECONDS[@POINT[>=STEP]]`` (``1`` = 1 s at every
+    point): at a point inside a checkpoint write (:func:`checkpoint_write_point`: model-written,
+    optimizer-written, state-written, before-rename, renamed, pruning), optionally only that point
+    and only for checkpoints of step >= STEP, print ``diffattn-test: checkpoint-write <point>
+    <step>`` on stderr and sleep, so a test can SIGKILL the process mid-write.
   - ``DIFFATTN_TEST_NAN_STEPS=3,5``: multiply the loss of those optimizer steps by NaN.
 
 The guard's state (skipped-step count) is saved in train_state.json, so the limit spans resumes,
@@ -54,12 +56,13 @@ def checkpoint_write_point(point: str, step: int) -> None:
     value = os.environ.get(PAUSE_ENV)
     if not value:
         return
+    seconds, _, where = value.partition("@")
+    if where:
+        name, _, min_step = where.partition(">=")
+        if name != point or (min_step and step < int(min_step)):
+            return
     print(f"diffattn-test: checkpoint-write {point} {step}", file=sys.stderr, flush=True)
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = 1.0
-    time.sleep(seconds)
+    time.sleep(float(seconds))
 
 
 _nan_cache: tuple[str | None, frozenset[int]] = (None, frozenset())
