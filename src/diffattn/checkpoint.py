@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import ModelConfig
 from .model import DecoderLM, build_model
+from .utils.integrity import verify_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -45,6 +46,7 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    verify_file(directory, CONFIG_NAME)
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -95,6 +97,7 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device | Non
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    verify_file(directory, WEIGHTS_NAME)  # training checkpoints carry checksums.json: a corrupt file is named
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for corrupt files
