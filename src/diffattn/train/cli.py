@@ -4,18 +4,31 @@ under ``torchrun`` for DDP / FSDP2. See docs/training.md."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def run(args: argparse.Namespace) -> int:
     from .config import load_run_file
     from .trainer import Trainer, plan_run
+    from ..utils.lock import DirLock
 
     if args.stop_at_step is not None and args.stop_at_step < 1:
         raise ValueError(f"--stop-at-step must be a positive step number, got {args.stop_at_step}")
     tables = load_run_file(args.config, args.set or [])
+    out = tables.get("train", {}).get("out")
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank and isinstance(out, str) and out:  # another process on this out: refuse first (exit 2)
+        DirLock(out, "diffattn train").check()
     plan = plan_run(tables, resume=args.resume)  # validates everything; nothing written before this returns
-    trainer = Trainer(plan.model_config, plan.train_config, resume_from=plan.resume_from)
+    lock = DirLock(plan.train_config.out, "diffattn train")
+    if main_rank:  # held until exit (Trainer.fit re-enters it); the kernel drops it if the process dies
+        lock.acquire()
+    try:
+        trainer = Trainer(plan.model_config, plan.train_config, resume_from=plan.resume_from)
+    except BaseException:
+        lock.release()
+        raise
     try:
         info = trainer.info
         if info.is_main:
@@ -35,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
                   f"checkpoint {summary['checkpoint']}", flush=True)
     finally:
         trainer.close()
+        lock.release()
     return 0
 
 
