@@ -42,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{directory} is not a model directory (no config.json)")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not (args.temperature >= 0 and args.temperature != float("inf")):  # also refuses NaN
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     data = json.loads((directory / "config.json").read_text())
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
