@@ -101,6 +101,9 @@ def plan_run(tables: dict[str, dict], *, resume: bool = False, world_size: int |
     if model_config.vocab_size < train.vocab_size:
         raise ValueError(f"ModelConfig.vocab_size: {model_config.vocab_size} is smaller than the data's "
                          f"vocab_size {train.vocab_size} ({Path(config.data) / 'index.json'})")
+    check_memory(model_config, config)
+    for shards in (train, val):  # a corrupt or foreign shard could feed the embedding ids it does not have
+        check_token_ids(shards, model_config.vocab_size)
     seq_len = config.resolved_seq_len(model_config)
     WindowSampler(train, seq_len, config.batch_size, config.seed)  # enough train tokens for one window
     if n_eval_windows(val, seq_len) < 1:
@@ -135,6 +138,33 @@ def plan_run(tables: dict[str, dict], *, resume: bool = False, world_size: int |
         raise ValueError(f"TrainConfig.out: {out} already holds checkpoints (latest {latest.name}); "
                          f"pass --resume to continue it or choose another out")
     return RunPlan(model_config, config, None)
+
+
+def check_memory(model_config: ModelConfig, config: TrainConfig) -> None:
+    """Refuse (ValueError) a model whose fp32 weights (built on the host before moving to a GPU),
+    or on CPU weights + gradients + AdamW state (16 bytes/parameter), exceed this machine's memory."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(model_config).parameters())
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    need = n * (16 if on_cpu else 4)
+    if need > ram:
+        what = "weights, gradients and AdamW state" if on_cpu else "fp32 weights (built on the host)"
+        raise ValueError(f"ModelConfig: {n:,} parameters need about {need / 2**30:,.1f} GiB for {what}, more "
+                         f"than this machine's {ram / 2**30:,.1f} GiB of memory")
+
+
+def check_token_ids(shards: TokenShards, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Refuse (ValueError naming the file) a shard holding a token id >= ``vocab_size`` (reads all tokens)."""
+    for entry, arr in zip((e for e in shards.index["splits"][shards.split] if e["tokens"]), shards._arrays):
+        for lo in range(0, len(arr), chunk):
+            top = int(arr[lo:lo + chunk].max())
+            if top >= vocab_size:
+                raise ValueError(f"{shards.dir / entry['file']}: token id {top} is out of range for vocab_size "
+                                 f"{vocab_size} (corrupt or foreign shard)")
 
 
 # ---------------------------------------------------------------------- the trainer
