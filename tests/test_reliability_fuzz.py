@@ -26,7 +26,7 @@ from diffattn.model import build_model
 from diffattn.train import trainer as trainer_mod
 from test_train import MODEL, TRAIN, VOCAB, make_corpus
 
-FUZZ = settings(max_examples=12, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 MODEL_INTS = ["vocab_size", "d_model", "n_layer", "n_head", "max_seq_len", "ffn_hidden"]
@@ -185,7 +185,7 @@ def test_bad_corpus_is_refused(name, tmp_path):
     assert_refused(rc, err, mention=name, out_dir=out)
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
+@settings(max_examples=6, deadline=None, derandomize=True, database=None)
 @given(junk=st.binary(min_size=0, max_size=200))
 def test_fuzzed_binary_corpus_never_crashes(junk):
     with tempfile.TemporaryDirectory() as d:
