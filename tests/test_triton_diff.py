@@ -1,8 +1,11 @@
 """The fused Triton differential kernel equals the reference, forward and backward (issue #8).
 
-Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 must be set before
-``diffattn.model.triton_diff`` is first imported, which this module does at collection time). With a
-GPU the same tests run the compiled kernels on CUDA tensors. A couple of tiny shapes run by default;
+Without a GPU the kernels run under the Triton interpreter. TRITON_INTERPRET=1 must be set before
+*triton itself* is first imported (its own library functions, e.g. ``tl.zeros``, are decorated at
+import); this module sets it at collection time, and when another test module of the same session
+imported triton earlier (torch._dynamo does), this module skips and
+``tests/test_triton_isolated.py`` runs it in a fresh process. With a GPU the same tests run the
+compiled kernels on CUDA tensors. A couple of tiny shapes run by default;
 the larger ones are marked slow. Run: .venv/bin/python -m pytest tests/test_triton_diff.py -q [-m slow]
 """
 

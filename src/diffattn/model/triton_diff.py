@@ -67,9 +67,21 @@ def _interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _library_interpreted() -> bool:
+    """Whether triton's own jit functions (tl.zeros, tl.max, ...) are interpreted: they are decorated
+    when triton is first imported, so TRITON_INTERPRET=1 set any later does not reach them."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
 # Decided once, when the kernels below are decorated: triton.jit returns an interpreted function
-# exactly when TRITON_INTERPRET=1 at that moment.
-INTERPRET = _interpret_mode()
+# exactly when TRITON_INTERPRET=1 at that moment; the interpreter works only if triton's library
+# was imported in that mode too.
+INTERPRET = _interpret_mode() and _library_interpreted()
+_INTERPRET_TOO_LATE = _interpret_mode() and not INTERPRET
 AVAILABLE = triton is not None
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,6 +96,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cpu":
         if INTERPRET:
             return None
+        if _INTERPRET_TOO_LATE:
+            return ("TRITON_INTERPRET=1 was set after triton had been imported, so triton's own functions "
+                    "are not interpreted; set it before anything imports triton (torch._dynamo does)")
         return ("kernel 'triton' runs on CUDA tensors; on CPU only under the Triton interpreter "
                 "(set TRITON_INTERPRET=1 before importing diffattn) — use kernel='sdpa' on CPU")
     return f"kernel 'triton' does not run on device {device.type!r}"
