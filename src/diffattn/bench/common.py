@@ -10,7 +10,8 @@ has no allocator statistics (and tracemalloc does not see its allocations), so e
 fresh child process and we report that child's peak resident set size (``getrusage`` ru_maxrss)
 minus its RSS just before building the model: parameters, gradients, optimizer state and the
 activations of the step, plus allocator overhead. A fresh process per row keeps one row's freed
-memory from hiding the next row's peak.
+memory from hiding the next row's peak, and glibc's mmap threshold is pinned at 1 MiB there so that
+freed tensors go back to the OS and RSS tracks live memory (see train.measure_memory).
 """
 
 from __future__ import annotations
