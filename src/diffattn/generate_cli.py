@@ -43,11 +43,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if not (args.temperature >= 0 and args.temperature != float("inf")):  # also refuses NaN
-        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+        raise ValueError(f"temperature must be a finite number >= 0, got {args.temperature} (--temperature)")
     if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+        raise ValueError(f"top_k must be >= 1, got {args.top_k} (--top-k)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+        raise ValueError(f"top_p must be in (0, 1], got {args.top_p} (--top-p)")
     data = json.loads((directory / "config.json").read_text())
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
