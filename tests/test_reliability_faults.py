@@ -314,3 +314,16 @@ def test_two_real_processes(corpus, tmp_path, capsys):
         first.wait()
     rc, _, err = cli(capsys, "--config", cfg)  # the dead holder's lock is gone with it (no checkpoint yet)
     assert rc == 0, err
+
+
+def test_disk_full_outside_checkpoints_is_one_line(corpus, tmp_path, monkeypatch, capsys):
+    """ENOSPC anywhere else (here: appending to metrics.jsonl) is one line and exit 1 too, not a traceback."""
+    from diffattn.train import metrics
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+    monkeypatch.setattr(metrics.MetricsLog, "write", full)
+    rc, _, err = cli(capsys, "--config", config(tmp_path, corpus))
+    assert rc == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("diffattn train: error: [Errno 28] No space left on device")

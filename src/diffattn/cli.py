@@ -9,11 +9,14 @@ problem and exits with code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
 from . import __version__
 from .utils.errors import RunError
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE}
 
 # subcommand -> "module" providing add_parser(subparsers), or "module:function"
 SUBCOMMANDS: dict[str, str] = {
@@ -60,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:  # a run stopped cleanly on a fault (disk full, non-finite steps): docs/reliability.md
         print(f"diffattn {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the environment failed (disk full, read-only or vanished storage): one line, exit 1
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        print(f"diffattn {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"diffattn {args.command}: interrupted", file=sys.stderr)
         return 130
