@@ -277,3 +277,23 @@ def test_study_summary_tables_from_run_records(tmp_path):
     assert "| base | 0.500 |" in md and "| dex | 0.750 |" in md and "N/R 1/1" in md
     assert "| dex | 0.1000 | 0.5000 | 0.3000 | 0.1000 |" in md
     assert "| lora |" in md  # a missing arm is listed with blanks, not an error
+
+
+def test_adapt_dex_from_a_shard_dir_with_importance_heads(tiny_base, tmp_path, capsys):
+    base, texts = tiny_base
+    from diffattn.dex.data import prepare_text
+    shards = prepare_text(texts, PreTrainedTokenizerFast.from_pretrained(base), log=lambda m: None)
+    out = tmp_path / "ad"
+    rc, stdout, err = run(["adapt", "dex", "--base", str(base), "--data", str(shards), "--out", str(out),
+                           "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--val-tokens", "32",
+                           "--calib-tokens", "32", "--heads", "importance", "--fraction", "0.25", "--control",
+                           "linear", "--no-progress"], capsys)
+    assert rc == 0, err
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cal = cfg["calibration"]
+    assert cal["criterion"] == "importance" and len(cal["importance"]) == 2
+    for layer, hs in cfg["heads"].items():  # the least important head of each layer (ties: lower index)
+        scores = cal["importance"][int(layer)]
+        assert hs == [min(range(4), key=lambda h: (scores[h], h))]
+    assert cfg["options"]["method"] == "linear" and cfg["lambda"] == {"0": -1.0, "1": -1.0}
+    assert cfg["training"]["data"]["dir"] == str(shards)
