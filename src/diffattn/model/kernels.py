@@ -140,6 +140,22 @@ class _SdpaDifferentialCPU(torch.autograd.Function):
                 dvv[:, :hkv] + dvv[:, hkv:], dlam, None, None)
 
 
+def _decode_differential(q1, q2, k1, k2, v, lam, scale):
+    """One query row against S cached keys: the (B, H, 1, S) maps are tiny, so combine them first and
+    make ONE matmul with the 2d-wide V (the padded path would copy the whole cache every step).
+    GQA without copies: the n_rep query heads of a K/V head are the rows of one matmul."""
+    b, h, _, d = q1.shape
+    hkv = k1.shape[1]
+    acc = compute_dtype(q1.dtype)
+
+    def probs(q, k):  # (B, Hkv, n_rep, S), softmax in fp32 (fp64 for fp64)
+        s = torch.matmul(q.reshape(b, hkv, h // hkv, d), k.transpose(-1, -2)).to(acc) * scale
+        return torch.softmax(s, dim=-1)
+
+    p = probs(q1, k1) - lam.to(acc) * probs(q2, k2)  # the signed differential map A1 − λ·A2
+    return torch.matmul(p.to(v.dtype), v).reshape(b, h, 1, v.shape[-1])
+
+
 def sdpa_differential(q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale):
     """CPU: both DIFF maps in one fused SDPA call instead of the split-value trick's four.
 
@@ -148,6 +164,7 @@ def sdpa_differential(q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scal
     map instead of two, a quarter of the calls. Measured faster than the split-value path at the
     issue's CPU target shape (docs/benchmarks.md). Returns None — the variant then makes its two
     split-value calls — for an explicit mask and off CPU (on GPU, ``triton`` is the fused path).
+    A single query row without autograd (a decode step) takes :func:`_decode_differential`.
     """
     if mask is not None or q1.device.type != "cpu":
         return None
@@ -156,6 +173,8 @@ def sdpa_differential(q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scal
         raise ValueError("is_causal without a mask needs as many queries as keys; pass an explicit mask")
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q1, q2, k1, k2, v, lam)):
         return _SdpaDifferentialCPU.apply(q1, q2, k1, k2, v, lam, causal, scale)
+    if q1.shape[2] == 1:
+        return _decode_differential(q1, q2, k1, k2, v, lam, scale)
     h = q1.shape[1]
     a, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_stack_padded(q1, q2, k1, k2, v), 0.0,
                                                                       causal, scale=scale)
