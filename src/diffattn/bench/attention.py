@@ -48,7 +48,7 @@ def build_rows(args, shape: common.Shape) -> dict[str, dict]:
     positions = torch.arange(t, device=dev)[None].expand(b, t)
 
     def add_layer(name, variant, impl, module, call, matched):
-        module = module.to(dev)
+        module = module.to(dev, dt)  # λ stays fp32 (KeepFP32Params)
         if args.compile:
             call = torch.compile(call)
         leaves = [x, *module.parameters()]
