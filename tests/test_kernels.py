@@ -27,7 +27,7 @@ def model_shapes(draw):
                 d_model=draw(st.sampled_from([8, 12, 16])), **extra), draw(st.integers(1, 13)), draw(st.integers(1, 3))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)  # same examples every run
 @given(model_shapes(), st.integers(0, 2**31 - 1))
 def test_sdpa_equals_eager_forward_and_backward_float64(shape, seed):
     kw, t, b = shape
@@ -42,8 +42,11 @@ def test_sdpa_equals_eager_forward_and_backward_float64(shape, seed):
     g = torch.randn_like(out_e)
     (out_e * g).sum().backward()
     (out_s * g).sum().backward()
+    # a gradient that is zero in exact arithmetic (e.g. the queries of a 2-token sequence) is rounding noise
+    # in both kernels: judge those on the scale of the model's largest gradient instead
+    scale = max(p.grad.abs().max().item() for p in eager.parameters())
     for (name, pe), ps in zip(eager.named_parameters(), sdpa.parameters()):
-        assert rel_err(ps.grad, pe.grad) < 1e-10 or pe.grad.abs().max() < 1e-300, name
+        assert rel_err(ps.grad, pe.grad) < 1e-10 or (ps.grad - pe.grad).abs().max() < 1e-12 * scale, name
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
