@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..fsutil import replace_dir
 from ..cli import UsageError
 
 RESULTS_JSON = "results.json"
@@ -361,15 +362,9 @@ def write_outputs(out_dir: str | os.PathLike, record: dict[str, Any], markdown: 
         (tmp / RESULTS_MD).write_text(markdown)
         for name, fig in figures.items():
             fig.savefig(tmp / name, dpi=110)
-        if out.exists():
-            if not out.is_dir():
-                raise NotADirectoryError(f"--out {out} exists and is not a directory")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} exists and is not a directory")
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -50,6 +50,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..fsutil import replace_dir
 from ..checkpoint import WEIGHT_PREFIX, read_config
 from ..config import ModelConfig, lambda_init_for_depth
 from ..model import DecoderLM, build_model
@@ -348,16 +349,7 @@ def _prepare_dst(src: Path, dst: Path, overwrite: bool) -> None:
 
 
 def _commit_dir(tmp: Path, dst: Path) -> None:
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
+    replace_dir(tmp, dst)
 
 
 def _with_tmp_dir(dst: Path, write: Callable[[Path], None]) -> Path:
