@@ -113,7 +113,7 @@ def main():
     ref = eager(*diff_in) if t <= 4096 else None
     std_in = (mk(b, 2 * h, t, d), mk(b, 2 * h, t, d), mk(b, 2 * h, t, d), scale)
     cands = {"standard sdpa (16 heads)": (standard, std_in)}
-    fns = {"split-value, 4 calls (current sdpa)": split_value_4calls, "stacked split-value, 2 calls": stacked_split_value,
+    fns = {"split-value, 4 calls (previous sdpa path)": split_value_4calls, "stacked split-value, 2 calls": stacked_split_value,
            "stacked, padded q/k, 1 call": stacked_padded_qk,
            "same, custom backward (kernels.sdpa_differential)": fused_custom_backward, "eager (T×T maps)": eager}
     if args.compile:
