@@ -133,7 +133,8 @@ def run_dex(args: argparse.Namespace) -> int:
     if calib is not None:
         record["tokens"] = int(sum(w.numel() for w in calib))
     n_sel = sum(len(v) for v in heads.values())
-    _log(f"heads: {n_sel} of {len(sites) * sites[0].n_head} selected ({args.heads}"
+    how = args.heads if args.heads in ("entropy", "importance", "all") else "explicit list"
+    _log(f"heads: {n_sel} of {len(sites) * sites[0].n_head} selected ({how}"
          f"{', fraction ' + str(args.fraction) if args.heads in ('entropy', 'importance') else ''})")
 
     fingerprint = base_fingerprint(model)
