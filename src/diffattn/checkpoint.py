@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import ModelConfig
-from .fsutil import atomic_directory
+from .fsutil import atomic_directory, read_json
 from .model import DecoderLM, build_model
 from .utils.integrity import verify_file
 
@@ -47,10 +47,7 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
     verify_file(directory, CONFIG_NAME)
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     return config_from_json(data, str(path))
 
 

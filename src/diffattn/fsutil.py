@@ -1,4 +1,4 @@
-"""Atomic output directories: write into a temporary sibling, then swap it into place.
+"""Atomic output directories (write into a temporary sibling, then swap it into place) and JSON reading.
 
 An interrupted or failing writer never leaves a half-written directory at the target: either the
 old directory (if any) or the complete new one is there.
@@ -6,6 +6,7 @@ old directory (if any) or the complete new one is there.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -14,8 +15,22 @@ from pathlib import Path
 from typing import Iterator
 
 
+def read_json(path: str | os.PathLike):
+    """Parse a JSON file; malformed content raises ``ValueError("<path>: not valid JSON (...)")``.
+
+    A missing file raises the usual FileNotFoundError, so callers can word that case themselves.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """fsync the files of the finished ``tmp`` and move it to ``target`` (replacing an existing dir)."""
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
     for f in tmp.iterdir():
         if f.is_file():
             with open(f, "rb") as fh:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import presets
 from .config import ATTENTION_VARIANTS, ModelConfig
+from .fsutil import read_json
 
 
 def parse_override(item: str) -> tuple[str, object]:
@@ -26,11 +27,9 @@ def resolve_config(preset: str | None, config_file: str | None, attention: str |
     if config_file:
         path = Path(config_file)
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         data.update(dict(parse_override(o) for o in overrides))
         cfg = ModelConfig.from_dict(data)
         return presets.matched(cfg, attention) if attention and attention != cfg.attention else cfg

@@ -20,13 +20,14 @@ Inputs are ``x = tokens[o : o+T]`` and targets ``y = tokens[o+1 : o+T+1]`` (int6
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+
+from ..fsutil import read_json
 
 SHARD_FORMAT = "diffattn-shards-v1"
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -115,10 +116,7 @@ def read_shard_index(directory: str | os.PathLike) -> dict:
     path = directory / "index.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no index.json (prepare the data with `diffattn data prepare --out {directory}`)")
-    try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    index = read_json(path)
 
     def bad(msg: str) -> ValueError:
         return ValueError(f"{path}: {msg}")

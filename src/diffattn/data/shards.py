@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fsutil import read_json
 from .archive import make_tempdir
 
 FORMAT = "diffattn-shards-v1"
@@ -169,11 +170,9 @@ def read_index(shard_dir: str | os.PathLike) -> dict:
     """The parsed index.json of a shard directory (ValueError naming the file if it is not one)."""
     path = Path(shard_dir) / "index.json"
     try:
-        index = json.loads(path.read_text())
+        index = read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no index.json (not a shard directory; run `diffattn data prepare`)") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} index")
     return index

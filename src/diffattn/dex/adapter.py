@@ -28,6 +28,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..fsutil import read_json, replace_dir
 from .surgery import (AdapterProjection, DEXOptions, DEXOutputProjection, LoRAOutputProjection, adapter_modules,
                       apply_dex, attention_sites, merge_adapters, model_type_of, set_dex_step)
 
@@ -109,7 +110,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, options: DEX
         for name, src in (extra_files or {}).items():
             if Path(src).is_file():
                 shutil.copyfile(src, tmp / name)
-        _replace(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -127,18 +128,6 @@ def _lam(m: DEXOutputProjection) -> float:
     return round(float(lam.detach()) if torch.is_tensor(lam) else float(lam), 6)
 
 
-def _replace(tmp: Path, directory: Path) -> None:
-    if directory.exists():
-        if not directory.is_dir():
-            raise NotADirectoryError(f"{directory} exists and is not a directory")
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
-
-
 def read_adapter_config(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     if not directory.is_dir():
@@ -146,10 +135,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_NAME} (not a DEX adapter directory)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} adapter config")
     if not (directory / WEIGHTS_NAME).is_file():
@@ -227,7 +213,7 @@ def save_merged(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, cop
             for name in ("LICENSE", "GEMMA_TERMS.html", "NOTICE.md"):
                 if (copy_from / name).is_file():
                     shutil.copyfile(copy_from / name, tmp / name)
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

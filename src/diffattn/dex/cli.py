@@ -10,7 +10,6 @@ adapter (``adapt load``). See docs/dex.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

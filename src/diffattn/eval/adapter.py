@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..cli import UsageError
+from ..fsutil import read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HASH_LIMIT = 2 << 30  # weights above 2 GiB are identified by size + name, not hashed
@@ -687,10 +688,7 @@ def load_model_adapter(path: str | os.PathLike, *, device: str = "cpu", dtype: s
     cfg_path = p / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"--model {p}: no config.json (not a model directory)")
-    try:
-        data = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    data = read_json(cfg_path)
     if data.get("model_type") == "diffattn":
         from ..checkpoint import load_model
 

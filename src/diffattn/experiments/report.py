@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..fsutil import read_json
 from .paper import NOT_MEASURED, PAPER, verdict
 from .presets import SAME_HEADS
 
@@ -136,7 +137,7 @@ def section_setup(study: Study) -> list[Block]:
                   f"{env.get('transformers')}, Python {env.get('python')}",
                   f"data: `{r.get('data', {}).get('dir')}`, vocabulary {idx.get('vocab_size')}, documents "
                   f"{idx.get('documents')}",
-                  f"training (identical for every variant and seed): " + ", ".join(
+                  "training (identical for every variant and seed): " + ", ".join(
                       f"{k}={v}" for k, v in train.items() if k not in ("progress", "tensorboard")),
                   f"needle-retrieval share of training rows: {r.get('needle_mix', {}).get('share', 0):.0%} "
                   f"(training cities/numbers disjoint from the evaluation's; haystack from the train split)",
@@ -507,10 +508,7 @@ def write_report(out: str | os.PathLike, fmt: str = "md") -> Path:
     path = out / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{out}: no results.json (not a `diffattn compare` output directory)")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    results = read_json(path)
     for key in ("preset", "variants", "seeds", "runs", "models"):
         if key not in results:
             raise ValueError(f"{path}: missing key {key!r} (not a compare results file)")

@@ -50,7 +50,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..fsutil import replace_dir
+from ..fsutil import read_json, replace_dir
 from ..checkpoint import WEIGHT_PREFIX, read_config
 from ..config import ModelConfig, lambda_init_for_depth
 from ..model import DecoderLM, build_model
@@ -327,10 +327,7 @@ def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no {path.name} in {path.parent}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data

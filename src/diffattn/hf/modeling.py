@@ -33,6 +33,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..fsutil import read_json
 from ..checkpoint import CONFIG_NAME, WEIGHT_PREFIX, WEIGHTS_NAME
 from ..model import DecoderLM, KVCache, build_model
 from .configuration import MODEL_TYPE, DiffAttnConfig
@@ -209,10 +210,7 @@ def validate_model_dir(directory: str | os.PathLike, config: DiffAttnConfig | No
         path = directory / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        data = read_json(path)
         if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
             got = data.get("model_type") if isinstance(data, dict) else None
             raise ValueError(f"{path}: model_type is {got!r}, not {MODEL_TYPE!r}")

@@ -45,7 +45,6 @@ available when this was written; ``benchmarks/run_gpu.sh`` measures them).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, WEIGHT_PREFIX, read_config, save_model
 from ..config import ModelConfig
+from ..fsutil import read_json
 from ..model import build_model
 from ..utils.errors import CorruptFileError, RunError
 from ..utils.integrity import verify_checksums, write_checksums
@@ -240,11 +241,9 @@ def read_train_state(path: str | os.PathLike) -> dict:
     """The ``train_state.json`` of a checkpoint directory (validated format)."""
     path = Path(path) / STATE_JSON
     try:
-        state = json.loads(path.read_text())
+        state = read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing (not a training checkpoint)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path}: format is not {STATE_FORMAT!r}")
     return state
