@@ -297,3 +297,17 @@ def test_adapt_dex_from_a_shard_dir_with_importance_heads(tiny_base, tmp_path, c
         assert hs == [min(range(4), key=lambda h: (scores[h], h))]
     assert cfg["options"]["method"] == "linear" and cfg["lambda"] == {"0": -1.0, "1": -1.0}
     assert cfg["training"]["data"]["dir"] == str(shards)
+
+
+@pytest.mark.parametrize("scale", [1, 3])
+def test_study_eval_grids_parse_with_the_eval_cli(scale):
+    """Every option list the study passes to `diffattn eval TASK` is accepted by that task's parser."""
+    from diffattn.cli import build_parser
+    from diffattn.dex.study import eval_grids
+
+    parser = build_parser()
+    for task, opts in eval_grids("data/x", scale).items():
+        args = parser.parse_args(["eval", task, "--model", "m", *opts])
+        assert args.task == task
+        if task == "needle":
+            assert args.depths == [0, 25, 50, 75, 100] and args.samples == 4 * scale

@@ -48,6 +48,21 @@ def _cmd(args: list[str], log: list, out: Path, name: str, timeout: float | None
     return rc
 
 
+def eval_grids(shard_dir: str, scale: int = 1) -> dict[str, list[str]]:
+    """The `diffattn eval TASK` options of each task: CPU-sized grids (2 cores), ``scale`` multiplies the samples."""
+    c = lambda *xs: ",".join(str(x) for x in xs)  # noqa: E731  (list options are comma-separated)
+    return {
+        "needle": ["--data", shard_dir, "--nr", c("1/1", "4/2"), "--lengths", "768", "--samples", str(4 * scale),
+                   "--depths", c(0, 25, 50, 75, 100)],
+        "icl": ["--datasets", "bbc-topic", "--shots", c(4, 8), "--runs", str(2 * scale), "--test-size", str(50 * scale),
+                "--robust-shots", "8", "--permutations", str(4 * scale), "--arrangements", c("random", "alternating"),
+                "--robust-test-size", str(30 * scale)],
+        "attention-noise": ["--data", shard_dir, "--length", "512", "--samples", str(2 * scale)],
+        "hallucination": ["--datasets", "bbc-headline", "--samples", str(30 * scale)],
+        "ppl": ["--data", shard_dir, "--max-tokens", "32768", "--seq-len", "256"],
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -95,16 +110,7 @@ def main(argv=None) -> int:
     base_dir, _, _ = resolve_base_path(args.base, log=lambda m: None)
     shard_dir = json.loads((out / args.arms[0] / "adapter_config.json").read_text())["training"]["data"]["dir"]
     models = {"base": str(base_dir), **{arm: str(out / f"{arm}-merged") for arm in args.arms}}
-    grids = {  # CPU-sized grids (2 shared cores); scale up with --grid-scale on a GPU
-        "needle": ["--data", shard_dir, "--nr", "1/1", "4/2", "--lengths", "768", "--samples", str(4 * args.grid_scale),
-                   "--depths", "0", "25", "50", "75", "100"],
-        "icl": ["--datasets", "bbc-topic", "--shots", "4", "8", "--runs", str(2 * args.grid_scale), "--test-size",
-                str(50 * args.grid_scale), "--robust-shots", "8", "--permutations", str(4 * args.grid_scale),
-                "--arrangements", "random", "alternating", "--robust-test-size", str(30 * args.grid_scale)],
-        "attention-noise": ["--data", shard_dir, "--length", "512", "--samples", str(2 * args.grid_scale)],
-        "hallucination": ["--datasets", "bbc-headline", "--samples", str(30 * args.grid_scale)],
-        "ppl": ["--data", shard_dir, "--max-tokens", "32768", "--seq-len", "256"],
-    }
+    grids = eval_grids(shard_dir, args.grid_scale)
     for task in args.evals:
         for name, model in models.items():
             if task == "attention-noise" and name not in ("base", "dex"):
