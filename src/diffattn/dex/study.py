@@ -113,8 +113,6 @@ def main(argv=None) -> int:
     grids = eval_grids(shard_dir, args.grid_scale)
     for task in args.evals:
         for name, model in models.items():
-            if task == "attention-noise" and name not in ("base", "dex"):
-                continue  # DEX does not change the softmax maps: base and dex suffice to show it
             dest = out / "eval" / f"{name}-{task}"
             if (dest / "results.json").is_file():
                 continue
@@ -163,9 +161,10 @@ def summarize(out: Path, names: list[str]) -> str:
         cfg = _load(out / name / "adapter_config.json") or {}
         tr = cfg.get("training", {})
         lam = cfg.get("lambda") or {}
+        control = (cfg.get("options") or {}).get("method") in ("linear", "lora")  # no λ: the controls
         va = tr.get("val_after") or {}
         lines.append(f"| {name} | {_n(tr.get('trainable_params'))} | {_n(tr.get('tokens'))} | "
-                     f"{tr.get('elapsed_s', '—')} | {_f(sum(lam.values()) / len(lam) if lam else None, 4)} | "
+                     f"{tr.get('elapsed_s', '—')} | {_f(sum(lam.values()) / len(lam) if lam and not control else None, 4)} | "
                      f"{_f(va.get('val_loss'), 4)} | {_f(va.get('val_ppl'))} |")
 
     def res(name, task):
