@@ -311,3 +311,13 @@ def test_study_eval_grids_parse_with_the_eval_cli(scale):
         assert args.task == task
         if task == "needle":
             assert args.depths == [0, 25, 50, 75, 100] and args.samples == 4 * scale
+
+
+def test_study_adapts_on_text_disjoint_from_the_evaluation_sources():
+    """The study's default adaptation text names valid corpus sources and none the ICL/hallucination sets use."""
+    from diffattn.data import corpus
+    from diffattn.dex.study import CLEAN_TEXT
+
+    corpus.check_specs(list(CLEAN_TEXT))  # raises on an unknown source
+    names = {s.split(":", 1)[1] for s in corpus.expand_specs(list(CLEAN_TEXT))}
+    assert names and not names & {"bbc", "wikipedia", "wordnet"}

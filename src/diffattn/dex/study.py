@@ -9,6 +9,7 @@ Arms (all with the same seed, hence the same training batches, the same heads an
 * ``dex``: DEX, default options (entropy-selected heads, W_D per layer, λ schedule, ``--train dex``);
 * ``linear``: control, O + O·W on the same heads, no λ/schedule (same function class as DEX);
 * ``lora``: control, rank-matched LoRA on ``o_proj`` of the same layers (no differential structure).
+* ``dex-lambda0.5`` (optional, ``--arms ... dex-lambda0.5``): DEX with λ_learn starting at 0.5 instead of 0.
 
 Each arm is trained with ``diffattn adapt dex``, merged with ``diffattn adapt load --merge`` (a stock
 model directory), then evaluated with ``diffattn eval`` tasks (small CPU grids, listed in the report).
@@ -28,7 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-ARMS = {"dex": [], "linear": ["--control", "linear"], "lora": ["--control", "lora"]}
+ARMS = {"dex": [], "linear": ["--control", "linear"], "lora": ["--control", "lora"],
+        # sensitivity to the UNCONFIRMED "λ_learn starts near zero": the same DEX with λ_learn starting at 0.5
+        "dex-lambda0.5": ["--lambda-learn-init", "0.5"]}
+DEFAULT_ARMS = ["dex", "linear", "lora"]
+CLEAN_TEXT = ("source:sotu", "source:shakespeare", "source:moby_dick")  # the default corpus minus the sources the evaluations use
 
 
 def _cmd(args: list[str], log: list, out: Path, name: str, timeout: float | None = None) -> int:
@@ -73,8 +78,11 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--val-tokens", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
+    # the evaluation sets are built from the BBC and Wikipedia sources of the default corpus: adapting on them
+    # would train on the evaluated articles, so the study adapts on the rest of the default corpus
+    p.add_argument("--text", nargs="+", default=list(CLEAN_TEXT), help="adaptation text (default: %(default)s)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     p.add_argument("--evals", nargs="*", default=["needle", "icl", "attention-noise", "hallucination"])
     p.add_argument("--eval-timeout", type=float, default=3600)
     p.add_argument("--grid-scale", type=int, default=1, help="multiply the evaluation sample counts")
@@ -83,7 +91,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     da = [sys.executable, "-m", "diffattn"]
-    log: list = []
+    prev = _load(out / "study.json")  # a resumed study keeps the record of the commands that already ran
+    log: list = list(prev.get("commands", [])) if isinstance(prev, dict) else []
     t0 = time.time()
     for arm in args.arms:
         extra = list(ARMS[arm])
@@ -97,6 +106,7 @@ def main(argv=None) -> int:
             rc = _cmd(da + ["adapt", "dex", "--base", args.base, "--out", str(out / arm), "--steps", str(args.steps),
                             "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
                             "--val-tokens", str(args.val_tokens), "--seed", str(args.seed), "--device", args.device,
+                            "--text", *args.text,
                             "--no-progress", *extra], log, out, f"train-{arm}")
             if rc:
                 return rc
