@@ -22,9 +22,11 @@ from diffattn.train import RECIPES, TrainConfig, Trainer, load_run_file, plan_ru
 from diffattn.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from diffattn.train.metrics import flops_per_token, read_metrics
 from diffattn.train.optim import param_groups
+from test_eval_utils import one_thread  # noqa: F401 (autouse fixture: one thread for tiny models)
 from test_loader import write_raw_shards  # the shard contract written by hand (tests/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
+
 VOCAB = 64  # <eos>=0, <unk>=1, words 2..63
 SUBJECTS, OBJECTS, STOP = range(2, 12), range(22, 42), 63
 
@@ -78,15 +80,6 @@ def cli(capsys, *args):
 
 def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and CI shares its cores); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
