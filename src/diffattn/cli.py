@@ -48,12 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> None:
+    """Show Python warnings raised under a command as one clean line each (no source line, no path):
+    a training alarm reads ``diffattn train: alarm: step 120: grad norm 9.1 > 8 x running median 1.1``."""
+    import warnings
+
+    from .train.faults import TrainingAlarm
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        kind = "alarm" if issubclass(category, TrainingAlarm) else "warning"
+        text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        print(f"diffattn {command}: {kind}: {text}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _one_line_warnings(args.command)
     try:
         return int(args.func(args) or 0)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:

@@ -27,6 +27,12 @@ ATTENTION_VARIANTS = ("standard", "diff_v1", "diff_v2", "shared_diff")
 KERNELS = ("eager", "sdpa", "triton")  # "triton": fused DIFF V1 kernel on GPU (model/triton_diff.py)
 DIFF_V1_LIKE = ("diff_v1", "shared_diff")
 SHARED_INITS = ("lora", "random")
+# Weight-initialisation schemes (model/lm.py ``DecoderLM.init_weights``; docs/results/init.md for the evidence):
+#   "gpt2":  embeddings and every nn.Linear N(0, init_std²); residual output projections (o_proj, FFN down)
+#            N(0, init_std²/(2·n_layer)). The GPT-2/LLaMA convention.
+#   "torch": PyTorch's own defaults, as the DIFF authors' reference modules use them (methods.md §1.5):
+#            nn.Linear Kaiming-uniform(a=√5) = U(±1/√fan_in), nn.Embedding N(0, 1). ``init_std`` is unused.
+INITS = ("gpt2", "torch")
 
 # Defaults of the variant-only fields, applied when the variant uses them and they are not given.
 _V1_DEFAULTS = {
@@ -34,10 +40,16 @@ _V1_DEFAULTS = {
     "lambda_std": 0.1,  # λ_q1, λ_k1, λ_q2, λ_k2 ~ N(0, 0.1²)
     "diff_norm": True,  # per-head RMSNorm over 2·head_dim (Table 6: removing it hurts)
     "diff_norm_affine": True,  # learnable gain, as the current unilm top-level files
+    "diff_norm_gain_init": 1.0,  # starting value of that gain (the reference code: 1)
 }
 _V1_FIELDS = tuple(_V1_DEFAULTS)
 _SHARED_FIELDS = ("shared_rank", "shared_init")
 _MAX_SIZE = 1 << 24  # guards against absurd sizes (typos like 10**12) before any allocation
+
+
+def variant_fields(attention: str) -> tuple[str, ...]:
+    """The variant-only ModelConfig fields that ``attention`` uses (empty for the others)."""
+    return (_V1_FIELDS if attention in DIFF_V1_LIKE else ()) + (_SHARED_FIELDS if attention == "shared_diff" else ())
 
 
 def lambda_init_for_depth(depth: int) -> float:
@@ -87,13 +99,15 @@ class ModelConfig:
     ffn_hidden: int | None = None  # SwiGLU hidden width; default 8/3·D rounded up to a multiple of 64
     norm_eps: float = 1e-5  # eps of every RMSNorm (block norms and the DIFF per-head norm)
     tie_embeddings: bool = False  # share the token embedding with the output head
-    init_std: float = 0.02  # N(0, init_std²) for embeddings and linear weights (see model.init_weights)
+    init: str = "gpt2"  # weight-initialisation scheme, one of INITS (see model.init_weights)
+    init_std: float = 0.02  # N(0, init_std²) for embeddings and linear weights under init="gpt2"
     kernel: str = "sdpa"  # one of KERNELS: how softmax(QKᵀ)V is computed
     # --- DIFF V1 and Shared DIFF only (None elsewhere) ---
     lambda_init: str | float | None = None  # "depth" (paper default) or a constant in [0, 1)
     lambda_std: float | None = None  # std of the λ re-parameterisation vectors
     diff_norm: bool | None = None  # per-head RMSNorm (then ×(1−λ_init)); False is the Table 6 ablation
     diff_norm_affine: bool | None = None  # learnable gain in that norm (False as in flashdiff.py)
+    diff_norm_gain_init: float | None = None  # starting value of the learnable gain (1 in the reference code)
     # --- Shared DIFF only (our reading of the abstract, UNCONFIRMED; see model/attention.py) ---
     shared_rank: int | None = None  # rank r of the per-map low-rank updates; default min(16, D·Hd/(4(D+Hd)))
     shared_init: str | None = None  # "lora" (B = 0: both maps start equal) or "random"
@@ -112,6 +126,8 @@ class ModelConfig:
         _check_int("max_seq_len", self.max_seq_len, 1)
         _check_float("rope_theta", self.rope_theta, 1.0, 1e12, lo_open=True)
         _check_float("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.init not in INITS:
+            _fail("init", f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
         _check_float("init_std", self.init_std, 0.0, 10.0, lo_open=True)
         _check_bool("tie_embeddings", self.tie_embeddings)
 
@@ -157,6 +173,11 @@ class ModelConfig:
             _check_bool("diff_norm_affine", self.diff_norm_affine)
             if self.diff_norm_affine and not self.diff_norm:
                 _fail("diff_norm_affine", "must be false when diff_norm is false (there is no norm to scale)")
+            _check_float("diff_norm_gain_init", self.diff_norm_gain_init, 0.0, 10.0, lo_open=True)
+            set_("diff_norm_gain_init", float(self.diff_norm_gain_init))
+            if self.diff_norm_gain_init != 1.0 and not self.diff_norm_affine:
+                _fail("diff_norm_gain_init", "applies only with diff_norm_affine=true (a learnable gain to start); "
+                      f"got {self.diff_norm_gain_init}")
 
         if self.attention != "shared_diff":
             for name in _SHARED_FIELDS:
@@ -212,4 +233,4 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["ModelConfig", "ATTENTION_VARIANTS", "KERNELS", "lambda_init_for_depth"]
+__all__ = ["ModelConfig", "ATTENTION_VARIANTS", "KERNELS", "INITS", "lambda_init_for_depth"]

@@ -25,7 +25,8 @@ from .config import ATTENTION_VARIANTS, ModelConfig
 # Per-variant head count in "baseline head" units.
 _HEADS_PER_BASELINE = {"standard": Fraction(1), "diff_v1": Fraction(1, 2), "shared_diff": Fraction(1, 2),
                        "diff_v2": Fraction(2, 3)}
-_VARIANT_FIELDS = ("lambda_init", "lambda_std", "diff_norm", "diff_norm_affine", "shared_rank", "shared_init")
+_VARIANT_FIELDS = ("lambda_init", "lambda_std", "diff_norm", "diff_norm_affine", "diff_norm_gain_init", "shared_rank",
+                   "shared_init")
 
 # name -> baseline Transformer shape. Paper sizes: methods.md §1.8 (App. D Table 9, App. E Table 10);
 # there the DIFF head count is half the listed ``n_head``.

@@ -32,7 +32,7 @@ import torch
 from .. import __version__
 from ..config import ModelConfig
 from ..model import build_model
-from .presets import SAME_HEADS, StudyConfig
+from .presets import SAME_HEADS, StudyConfig, variant_config
 
 STUDY_FILE = "study.json"
 RESULTS_FILE = "results.json"
@@ -156,6 +156,8 @@ def evaluate_run(study: StudyConfig, checkpoint: Path, data_dir: Path, eval_dir:
     adapter, tok = load_adapter(checkpoint, device=device)
     records = {}
     for task in study.tasks:
+        if task == "recall":
+            continue  # not an evaluation of the LM checkpoint: trained per variant and seed (recall_study)
         out = eval_dir / task
         if (out / "results.json").is_file():
             records[task] = json.loads((out / "results.json").read_text())
@@ -171,6 +173,69 @@ def evaluate_run(study: StudyConfig, checkpoint: Path, data_dir: Path, eval_dir:
         records[task] = run(adapter, tok, options_cls.from_mapping(opts, source=f"[eval.{task}]"), out)
         log(f"[compare]   eval {task}: {time.time() - t0:.1f}s")
     return records
+
+
+# ------------------------------------------------------------------------------------------- recall
+def _recall_worker(args: tuple) -> tuple[str, int, dict]:
+    """One (variant, seed) recall run in a worker process (one thread: the models are tiny)."""
+    variant, seed, cfg_dict, opts_dict = args
+    torch.set_num_threads(1)
+    from .recall import RecallStudyOptions, run_one
+
+    opts = RecallStudyOptions.from_mapping(opts_dict)
+    return variant, seed, run_one(ModelConfig.from_dict(cfg_dict), opts, seed)
+
+
+def recall_study(study: StudyConfig, out: Path, log: Callable[[str], None]) -> dict:
+    """Train and evaluate the recall task for every variant and recall seed (experiments/recall.py).
+
+    Each (variant, seed) record is written to ``OUT/recall/<variant>/seed<k>.json`` when it finishes;
+    a restarted study reuses the finished ones and reruns the rest (a run takes seconds; every run is a
+    pure function of its configuration and seed, so a rerun gives the same numbers). Runs go to
+    ``[recall] workers`` processes (default: one per CPU core, at most 4), one thread each.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from .recall import RecallStudyOptions, mean_accuracy
+
+    opts = RecallStudyOptions.from_mapping(study.recall)
+    base = opts.baseline(init=study.baseline.init, init_std=study.baseline.init_std)
+    configs = {v: variant_config(base, v, study.variant_options) for v in study.variants}
+    runs: dict[str, dict[str, dict]] = {v: {} for v in study.variants}
+    todo = []
+    for seed in opts.seed_list:
+        for v in study.variants:
+            path = out / "recall" / v / f"seed{seed}.json"
+            if path.is_file():
+                runs[v][str(seed)] = json.loads(path.read_text())
+            else:
+                todo.append((v, seed, configs[v].to_dict(), opts.to_dict()))
+    n_workers = max(1, min(opts.workers or min(os.cpu_count() or 1, 4), len(todo) or 1))
+    log(f"[compare] recall: {len(todo)} run(s) to train ({len(opts.seed_list)} seeds x {len(study.variants)} variants, "
+        f"{sum(len(r) for r in runs.values())} reused), {n_workers} worker process(es)")
+    t0 = time.time()
+
+    def store(v: str, seed: int, rec: dict) -> None:
+        path = out / "recall" / v / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(rec) + "\n")
+        os.replace(tmp, path)
+        runs[v][str(seed)] = rec
+        log(f"[compare] recall {v} seed {seed}: mean accuracy {mean_accuracy(rec):.3f} over N=1..{opts.task.max_n} "
+            f"({rec['train_s']:.0f}s train, {rec['eval_s']:.0f}s eval)")
+
+    if n_workers == 1:
+        for item in todo:
+            store(*_recall_worker(item))
+    elif todo:
+        with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for v, seed, rec in pool.map(_recall_worker, todo):
+                store(v, seed, rec)
+    log(f"[compare] recall done in {time.time() - t0:.0f}s")
+    models = {v: {"config": configs[v].to_dict(), "params": _param_counts(configs[v])} for v in study.variants}
+    return {"options": opts.to_dict(), "seeds": opts.seed_list, "models": models, "runs": runs}
 
 
 # ------------------------------------------------------------------------------------------- cost
@@ -292,7 +357,8 @@ def study_fingerprint(study: StudyConfig) -> str:
 
     payload = json.dumps({"variants": study.variants, "seeds": study.seeds, "tasks": study.tasks, "data": study.data,
                           "baseline": study.baseline.to_dict(), "train": study.train, "needle": [study.needle_share,
-                          study.needle_max], "eval": study.eval}, sort_keys=True, default=str)
+                          study.needle_max], "eval": study.eval, "variant_options": study.variant_options,
+                          "recall": study.recall if "recall" in study.tasks else None}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -325,6 +391,8 @@ def run_compare(study: StudyConfig, out: str | os.PathLike, *, data_dir: str | N
             runs[variant][seed] = {"summary": summary, "metrics": read_metrics(run_dir), "eval": evals,
                                    "run_dir": str(run_dir.relative_to(out))}
 
+    recall = recall_study(study, out, log) if "recall" in study.tasks else None
+
     cost = None
     if study.bench_repeats > 0:
         tcfg = TrainConfig.from_dict({**study.train, "data": str(data), "out": str(out)})
@@ -342,6 +410,7 @@ def run_compare(study: StudyConfig, out: str | os.PathLike, *, data_dir: str | N
                    for v in study.variants},
         "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
         "cost": cost,
+        "recall": recall,
         "environment": environment(),
         "wall_time_s": time.time() - t_start,
     }

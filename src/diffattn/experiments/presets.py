@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from .. import presets as model_presets
-from ..config import ATTENTION_VARIANTS, ModelConfig
+from ..config import ATTENTION_VARIANTS, ModelConfig, variant_fields
 
 # the repository's configs/ (editable installs, the README's setup), else ./configs
 _REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 CONFIG_DIR = _REPO_CONFIGS if _REPO_CONFIGS.is_dir() else Path("configs")
 SAME_HEADS = "standard_same_heads"  # the V2 authors' second baseline: a Transformer with V2's head count
 VARIANTS = ATTENTION_VARIANTS + (SAME_HEADS,)
-TASKS = ("ppl", "needle", "attention-noise", "outliers", "lambda", "quant", "icl", "hallucination")
-_TABLES = ("study", "data", "model", "train", "needle_mix", "eval")
+TASKS = ("ppl", "needle", "attention-noise", "outliers", "lambda", "quant", "icl", "hallucination", "recall")
+_TABLES = ("study", "data", "model", "train", "needle_mix", "eval", "recall")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,20 +43,24 @@ class StudyConfig:
     eval: dict[str, dict[str, Any]] = field(default_factory=dict)
     bench_repeats: int = 5
     source: str | None = None
+    variant_options: dict[str, Any] = field(default_factory=dict)  # variant-only ModelConfig fields
+    recall: dict[str, Any] = field(default_factory=dict)  # the [recall] table (experiments/recall.py)
 
     def model_config(self, variant: str) -> ModelConfig:
-        return variant_config(self.baseline, variant)
+        return variant_config(self.baseline, variant, self.variant_options)
 
 
-def variant_config(baseline: ModelConfig, variant: str) -> ModelConfig:
+def variant_config(baseline: ModelConfig, variant: str, options: dict[str, Any] | None = None) -> ModelConfig:
     """The parameter-matched configuration of ``variant`` (presets.matched; methods.md §1.6, §2.4);
-    ``standard_same_heads`` is the baseline with DIFF V2's head counts (fewer parameters)."""
+    ``standard_same_heads`` is the baseline with DIFF V2's head counts (fewer parameters).
+    ``options``: variant-only fields (e.g. ``diff_norm_gain_init``), applied to the variants that use them."""
     if variant == "standard":
         return baseline
     if variant == SAME_HEADS:
         v2 = model_presets.matched(baseline, "diff_v2")
         return baseline.replace(n_head=v2.n_head, n_kv_head=v2.n_kv_head)
-    return model_presets.matched(baseline, variant)
+    applicable = {k: v for k, v in (options or {}).items() if k in variant_fields(variant)}
+    return model_presets.matched(baseline, variant, **applicable)
 
 
 def _fail(where: str, msg: str) -> None:
@@ -90,6 +94,11 @@ def parse_study(data: dict[str, Any], *, name: str, source: str | None = None) -
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         _fail(where, f"[study] tasks: unknown {bad}; valid: {', '.join(TASKS)}")
+    variant_options = study.pop("variant_options", {})
+    known = set(variant_fields("diff_v1")) | set(variant_fields("shared_diff"))
+    if not isinstance(variant_options, dict) or set(variant_options) - known:
+        bad = sorted(set(variant_options) - known) if isinstance(variant_options, dict) else variant_options
+        _fail(where, f"[study] variant_options: unknown {bad!r}; valid: {', '.join(sorted(known))}")
     bench_repeats = study.pop("bench_repeats", 5)
     if not isinstance(bench_repeats, int) or bench_repeats < 0:
         _fail(where, f"[study] bench_repeats must be an integer >= 0, got {bench_repeats!r}")
@@ -110,7 +119,7 @@ def parse_study(data: dict[str, Any], *, name: str, source: str | None = None) -
     else:
         baseline = ModelConfig.from_dict({"attention": "standard", **model})
     for v in variants:  # fail now, not after an hour of training the first variants
-        variant_config(baseline, v)
+        variant_config(baseline, v, variant_options)
 
     train = dict(data.get("train", {}))
     for key in ("data", "out", "seed"):
@@ -122,6 +131,14 @@ def parse_study(data: dict[str, Any], *, name: str, source: str | None = None) -
         _fail(where, f"[needle_mix] unknown key(s) {', '.join(sorted(mix))}")
     if not isinstance(share, (int, float)) or not 0 <= share <= 1:
         _fail(where, f"[needle_mix] share must be in [0, 1], got {share!r}")
+    recall = dict(data.get("recall", {}))
+    if "recall" in tasks:
+        from .recall import RecallStudyOptions
+
+        try:
+            RecallStudyOptions.from_mapping(recall, baseline_vocab=None)
+        except ValueError as e:
+            _fail(where, f"[recall] {e}")
     ev = data.get("eval", {})
     if not isinstance(ev, dict) or any(not isinstance(v, dict) for v in ev.values()):
         _fail(where, "[eval.TASK] tables expected")
@@ -131,7 +148,7 @@ def parse_study(data: dict[str, Any], *, name: str, source: str | None = None) -
     return StudyConfig(name=name, variants=tuple(variants), seeds=tuple(seeds), tasks=tuple(tasks),
                        data=dict(data.get("data", {})), baseline=baseline, train=train, needle_share=float(share),
                        needle_max=int(nmax), eval={k: dict(v) for k, v in ev.items()}, bench_repeats=bench_repeats,
-                       source=source)
+                       source=source, variant_options=dict(variant_options), recall=recall)
 
 
 def preset_path(name_or_path: str) -> Path:

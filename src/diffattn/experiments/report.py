@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..fsutil import read_json
-from .paper import NOT_MEASURED, PAPER, verdict
+from .paper import NOT_MEASURED, PAPER, VERDICT_RULE, verdict
 from .presets import SAME_HEADS
 
 DIFF_VARIANTS = ("diff_v1", "diff_v2", "shared_diff")
@@ -81,25 +81,30 @@ class Study:
     def runs(self, variant: str) -> list[dict]:
         return [self.r["runs"][variant][s] for s in self.seeds if s in self.r["runs"].get(variant, {})]
 
-    def eval_values(self, variant: str, task: str, path: Sequence[Any]) -> list:
+    def runs_by_seed(self, variant: str) -> list[dict | None]:
+        """One entry per study seed, in seed order (None where the run is missing): verdicts pair by position."""
+        return [self.r["runs"].get(variant, {}).get(s) for s in self.seeds]
+
+    def eval_values(self, variant: str, task: str, path: Sequence[Any], *, paired: bool = False) -> list:
+        """The value at ``path`` of ``task``'s results per run; ``paired``: one entry per seed (None if missing)."""
         out = []
-        for run in self.runs(variant):
-            node = run.get("eval", {}).get(task, {}).get("results")
+        for run in self.runs_by_seed(variant):
+            node = (run or {}).get("eval", {}).get(task, {}).get("results")
             for key in path:
                 if node is None:
                     break
                 node = node[key] if isinstance(node, list) and isinstance(key, int) else (
                     node.get(key) if isinstance(node, dict) else None)
-            if node is not None:
+            if node is not None or paired:
                 out.append(node)
         return out
 
-    def final_val(self, variant: str) -> list[float]:
+    def final_val(self, variant: str, *, paired: bool = False) -> list:
         vals = []
-        for run in self.runs(variant):
-            v = run["summary"].get("val_loss")
-            if v is not None:
-                vals.append(float(v))
+        for run in self.runs_by_seed(variant):
+            v = run["summary"].get("val_loss") if run else None
+            if v is not None or paired:
+                vals.append(None if v is None else float(v))
         return vals
 
     def label(self, v: str) -> str:
@@ -112,7 +117,7 @@ def _verdict_cells(study: Study, variant: str, values_fn, better: str, min_effec
     for base in baselines or ["standard"]:
         if base not in study.variants:
             continue
-        v = verdict(values_fn(variant), values_fn(base), better, min_effect=min_effect)
+        v = verdict(values_fn(variant, paired=True), values_fn(base, paired=True), better, min_effect=min_effect)
         note = f" (vs {study.label(base)})" if base != "standard" else ""
         cells.append(f"**{v.verdict}**{note}: Δ {v.diff:+.3g}" if v.verdict != NOT_MEASURED else v.verdict)
     return "; ".join(cells)
@@ -139,16 +144,29 @@ def section_setup(study: Study) -> list[Block]:
                   f"{idx.get('documents')}",
                   "training (identical for every variant and seed): " + ", ".join(
                       f"{k}={v}" for k, v in train.items() if k not in ("progress", "tensorboard")),
-                  f"needle-retrieval share of training rows: {r.get('needle_mix', {}).get('share', 0):.0%} "
-                  f"(training cities/numbers disjoint from the evaluation's; haystack from the train split)",
+                  _init_line(r),
+                  (f"needle-retrieval share of training rows: {r.get('needle_mix', {}).get('share', 0):.0%} "
+                   f"(training cities/numbers disjoint from the evaluation's; haystack from the train split)"
+                   if r.get("needle_mix", {}).get("share") else "needle-retrieval rows in training: none"),
                   f"seeds: {', '.join(study.seeds)}; variants: {', '.join(study.label(v) for v in study.variants)}",
               ]),
               Block("p", "Scale note: the paper's numbers come from 3B-parameter models trained on 350B-1T tokens. "
-                         "A study of this size can only test the *direction* of each effect; a verdict is "
-                         "'reproduced' when the difference points the paper's way and exceeds the seed spread, "
-                         "'not reproduced' when it points the other way beyond the spread, and 'inconclusive' "
-                         "otherwise (with one seed, a difference must exceed a fixed margin stated per metric).")]
+                         "A study of this size can only test the *direction* of each effect."),
+              Block("p", VERDICT_RULE + f" The language models here use {len(study.seeds)} seed"
+                         f"{'s' if len(study.seeds) > 1 else ''}"
+                         + (" (single-seed margins, weaker verdicts)" if len(study.seeds) == 1 else "")
+                         + (f"; the recall task {len(r['recall']['seeds'])}." if r.get("recall") else "."))]
     return blocks
+
+
+def _init_line(r: dict) -> str:
+    """The initialisation the study's models used (docs/results/init.md has the evidence behind it)."""
+    from .init_study import describe_init
+
+    cfg = r["models"]["standard"]["config"]
+    diff = next((r["models"][v]["config"] for v in ("diff_v1", "shared_diff") if v in r["models"]), None)
+    return "initialisation: " + describe_init(cfg.get("init", "gpt2"), cfg.get("init_std", 0.02),
+                                              diff.get("diff_norm_gain_init", 1.0) if diff else None)
 
 
 def section_models(study: Study) -> list[Block]:
@@ -226,12 +244,12 @@ def section_needle(study: Study, out: Path, summary: list) -> list[Block]:
     if not nr_list:
         return []
 
-    def acc(v, nr):
+    def acc(v, nr, paired=False):
         out_vals = []
-        for by in study.eval_values(v, "needle", ["by_nr"]):
-            for row in by:
-                if f"{row['n']}/{row['r']}" == nr:
-                    out_vals.append(row["accuracy"])
+        for by in study.eval_values(v, "needle", ["by_nr"], paired=paired):
+            hit = [row["accuracy"] for row in by or [] if f"{row['n']}/{row['r']}" == nr]
+            if hit or paired:
+                out_vals.append(hit[0] if hit else None)
         return out_vals
 
     rows = [[study.label(v)] + [_pm(acc(v, nr), 2) for nr in nr_list] for v in study.variants]
@@ -239,7 +257,7 @@ def section_needle(study: Study, out: Path, summary: list) -> list[Block]:
     rows.append(["paper, Transformer (3B, 4K)"] + [paper.get(nr, ("—", "—"))[0] for nr in nr_list])
     rows.append(["paper, DIFF (3B, 4K)"] + [paper.get(nr, ("—", "—"))[1] for nr in nr_list])
     hardest = max(nr_list, key=lambda s: tuple(int(x) for x in s.split("/")))
-    verdict_rows = [[study.label(v), hardest, _verdict_cells(study, v, lambda x, nr=hardest: acc(x, nr), "higher",
+    verdict_rows = [[study.label(v), hardest, _verdict_cells(study, v, lambda x, paired=False, nr=hardest: acc(x, nr, paired), "higher",
                                                              0.1, _baselines_for(v, study))]
                     for v in study.variants if v in DIFF_VARIANTS]
     for row in verdict_rows:
@@ -288,10 +306,10 @@ def section_attention(study: Study, out: Path, summary: list) -> list[Block]:
     if not depths:
         return []
 
-    def share(v, key, depth=None):
+    def share(v, key, depth=None, paired=False):
         vals = []
-        for by in study.eval_values(v, "attention-noise", ["by_depth"]):
-            rows = [r for r in by if depth is None or r["depth"] == depth]
+        for by in study.eval_values(v, "attention-noise", ["by_depth"], paired=paired):
+            rows = [r for r in by or [] if depth is None or r["depth"] == depth]
             vals.append(_mean([r[key] for r in rows]))
         return vals
 
@@ -307,9 +325,9 @@ def section_attention(study: Study, out: Path, summary: list) -> list[Block]:
     for v in study.variants:
         if v in DIFF_VARIANTS:
             verdict_rows.append([study.label(v),
-                                 _verdict_cells(study, v, lambda x: share(x, "answer"), "higher", 0.02,
+                                 _verdict_cells(study, v, lambda x, paired=False: share(x, "answer", paired=paired), "higher", 0.02,
                                                 _baselines_for(v, study)),
-                                 _verdict_cells(study, v, lambda x: share(x, "noise"), "lower", 0.02,
+                                 _verdict_cells(study, v, lambda x, paired=False: share(x, "noise", paired=paired), "lower", 0.02,
                                                 _baselines_for(v, study))])
     for row in verdict_rows:
         v = next(x for x in study.variants if study.label(x) == row[0])
@@ -355,8 +373,9 @@ def section_outliers(study: Study, summary: list) -> list[Block]:
     verdict_rows = []
     for v in study.variants:
         if v in DIFF_VARIANTS:
-            rel = lambda what: (lambda x: [math.log(val) for val in study.eval_values(x, "outliers", [what, "top1"])
-                                           if val and val > 0])  # noqa: E731
+            rel = lambda what: (lambda x, paired=False: [  # noqa: E731
+                math.log(val) if val and val > 0 else None
+                for val in study.eval_values(x, "outliers", [what, "top1"], paired=paired)])
             verdict_rows.append([study.label(v),
                                  _verdict_cells(study, v, rel("attention_logits"), "lower", math.log(1.1),
                                                 _baselines_for(v, study)),
@@ -404,6 +423,119 @@ def section_lambda(study: Study, out: Path) -> list[Block]:
             Block("image", "lambda_by_depth.png")]
 
 
+def section_recall(study: Study, out: Path, summary: list) -> list[Block]:
+    """Recall amid distractors (experiments/recall.py): accuracy vs N, attention shares, verdicts."""
+    rec = study.r.get("recall")
+    if not rec:
+        return []
+    from .recall import CATEGORIES
+
+    o, seeds = rec["options"], [str(s) for s in rec["seeds"]]
+    shown = [v for v in study.variants if rec["runs"].get(v)]
+    ns = [row["n"] for row in next(iter(rec["runs"][shown[0]].values()))["by_n"]]
+
+    def per_seed(v, fn) -> dict[str, float]:
+        return {s: fn(r) for s, r in rec["runs"].get(v, {}).items() if s in seeds}
+
+    def acc_at(n):
+        return lambda r: next(x["accuracy"] for x in r["by_n"] if x["n"] == n)
+
+    def mean_acc(r):
+        return sum(x["accuracy"] for x in r["by_n"]) / len(r["by_n"])
+
+    hard = [n for n in ns if n >= max(ns) // 2]  # the distractor-heavy half
+
+    def hard_acc(r):
+        return sum(x["accuracy"] for x in r["by_n"] if x["n"] in hard) / len(hard)
+
+    def share(cat, n=max(ns), layer=-1):
+        return lambda r: next(x for x in r["by_n"] if x["n"] == n)["shares"][cat][layer]
+
+    def noise(r):
+        return share("other_pairs")(r) + share("filler")(r)
+
+    from ..eval.common import new_figure
+
+    fig, ax = new_figure(6.8, 4.2)
+    for v in shown:
+        curves = [[acc_at(n)(r) for n in ns] for r in per_seed(v, lambda r: r).values()]
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(ns))]
+        line, = ax.plot(ns, mean, marker="o", ms=3, label=study.label(v))
+        ax.fill_between(ns, [min(c[i] for c in curves) for i in range(len(ns))],
+                        [max(c[i] for c in curves) for i in range(len(ns))], color=line.get_color(), alpha=0.15)
+    ax.axhline(1.0 / o["values"], color="grey", ls=":", label="chance (1/V)")
+    ax.set(xlabel="key-value pairs in the context (N)", ylabel="accuracy", ylim=(0, 1.02),
+           title="recall amid distractors (mean over seeds, band: min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(out / "recall_accuracy.png", dpi=110)
+
+    cols = [n for n in ns if n in (1, 2, 4, 8) or n % 4 == 0 or n == max(ns)]
+    rows = []
+    for v in shown:
+        rows.append([study.label(v), rec["models"][v]["params"]["total"]]
+                    + [_pm(list(per_seed(v, acc_at(n)).values()), 2) for n in cols]
+                    + [_pm(list(per_seed(v, mean_acc).values()), 3)])
+    base = "standard"
+    verdict_rows = []
+    for v in shown:
+        if v not in DIFF_VARIANTS:
+            continue
+        cells = []
+        for fn, better, margin in ((mean_acc, "higher", 0.05), (hard_acc, "higher", 0.05),
+                                   (share("answer"), "higher", 0.02), (noise, "lower", 0.02)):
+            bases = _baselines_for(v, study)
+            parts = []
+            for b in bases:
+                if b not in shown:
+                    continue
+                vd = verdict(per_seed(v, fn), per_seed(b, fn), better, min_effect=margin)
+                note = f" (vs {study.label(b)})" if b != base else ""
+                parts.append(f"**{vd.verdict}**{note}: Δ {vd.diff:+.3f}" if vd.verdict != NOT_MEASURED else vd.verdict)
+            cells.append("; ".join(parts))
+        verdict_rows.append([study.label(v)] + cells)
+        summary.append([study.label(v), "higher recall accuracy amid distractors (mean over N)",
+                        _pm(list(per_seed(v, mean_acc).values()), 3) + " vs "
+                        + _pm(list(per_seed(base, mean_acc).values()), 3), cells[0]])
+        summary.append([study.label(v), "more attention on the answer (recall, last layer, N = C/2)",
+                        _pm(list(per_seed(v, share("answer")).values()), 3) + " vs "
+                        + _pm(list(per_seed(base, share("answer")).values()), 3), cells[2]])
+
+    n_layer = len(next(iter(rec["runs"][shown[0]].values()))["by_n"][0]["shares"]["answer"])
+    share_rows = []
+    for v in shown:
+        for layer in range(n_layer):
+            share_rows.append([study.label(v), layer] + [_pm(list(per_seed(v, share(c, layer=layer)).values()), 3)
+                                                         for c in CATEGORIES])
+    task_desc = (f"`BOS | {o['context']} context slots | SEP | {o['queries']} queries`; K = {o['keys']} keys, "
+                 f"V = {o['values']} values (chance {1 / o['values']:.3f}); "
+                 + ("one token per pair (a K×V pair vocabulary)" if o["pair_tokens"] == 1 else
+                    "two-token pairs (key, value: needs an induction circuit)")
+                 + f"; filler: {o['filler']}; trained {o['steps']} steps × batch {o['batch_size']} with N drawn from "
+                 f"{o['train_n'] or list(range(2, o['context'] // 2 + 1, 2))}; evaluated on fresh sequences for every N "
+                 f"in 1..{max(ns)}, ≥ {o['eval_queries']} scored queries each; seeds {', '.join(seeds)}. Models: the "
+                 f"baseline {o['n_layer']} layers × d_model {o['d_model']}, {o['n_head']} heads of {o['head_dim']}, "
+                 "every variant parameter-matched to it as in the language-model study.")
+    return [Block("h2", "Recall amid distractors (synthetic multi-query associative recall)"),
+            Block("p", "The task (experiments/recall.py, after Zoology's MQAR): " + task_desc),
+            Block("image", "recall_accuracy.png"),
+            Block("table", header=["variant", "parameters"] + [f"N={n}" for n in cols] + ["mean over N"], rows=rows),
+            Block("p", "Accuracy of the value predicted after each queried key (mean ± sample std over seeds)."),
+            Block("table", header=["variant", "mean accuracy (higher)", f"accuracy, N ≥ {min(hard)} (higher)",
+                                   f"answer share, last layer, N={max(ns)} (higher)",
+                                   f"other pairs + filler share, last layer, N={max(ns)} (lower)"], rows=verdict_rows),
+            Block("p", "Single-seed margins: 0.05 accuracy, 0.02 share. The directions are the papers' claims carried "
+                       "over to this task: DIFF should retrieve better amid distractors and put more of its attention "
+                       "on the answer and less on the rest."),
+            Block("h2", f"Recall: where the query's attention goes (N = {max(ns)})"),
+            Block("table", header=["variant", "layer", "answer pair", "other pairs", "filler", "rest (BOS, SEP, queries)"],
+                  rows=share_rows),
+            Block("p", f"Share of the effective map at each scored query-key position (DIFF: A1 − λ·A2; rows normalised "
+                       f"by their {'sum' if o['normalize'] == 'sum' else 'absolute sum'}, as the attention-noise task "
+                       "does), averaged over heads and queries, mean ± std over seeds. Shares of signed DIFF maps can "
+                       "be negative.")]
+
+
 def section_cost(study: Study, summary: list) -> list[Block]:
     cost = study.r.get("cost")
     if not cost:
@@ -434,6 +566,7 @@ def build(results: dict, out: Path) -> list[Block]:
     summary: list[list[str]] = []  # the sections add their headline verdicts here
     body = section_models(study) + section_loss(study, out, summary)
     body += section_needle(study, out, summary) + section_attention(study, out, summary)
+    body += section_recall(study, out, summary)
     body += section_outliers(study, summary) + section_lambda(study, out) + section_cost(study, summary)
     head = [Block("h2", "Summary: the papers' claims, checked"),
             Block("table", header=["variant", "claim (direction from the paper)", "this study (variant vs baseline)",

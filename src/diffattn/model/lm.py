@@ -50,29 +50,38 @@ class DecoderLM(nn.Module):
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every tensor (the one place that does):
+        """Initialise every tensor (the one place that does), by ``config.init``:
 
-        * token embedding, every nn.Linear weight (projections, FFN, output head, V2's W_λ,
-          Shared DIFF's A matrices): N(0, init_std²) — the GPT-2/LLaMA convention. (The DIFF
-          reference modules use nn.Linear's Kaiming default; a single std keeps the baseline and
-          the variants on identical footing, which is what a parameter-matched comparison needs.)
-        * residual output projections (attention ``o_proj``, FFN ``down``): N(0, init_std²/(2·n_layer))
-          (GPT-2's depth scaling).
-        * RMSNorm gains: 1.  DIFF λ vectors: N(0, lambda_std²) in fp32 (methods.md §1.3).
-        * Shared DIFF B matrices: 0 for ``shared_init='lora'``, N(0, 1/r) for ``'random'``.
+        * ``"gpt2"``: token embedding and every nn.Linear weight (projections, FFN, output head, V2's
+          W_λ, Shared DIFF's A matrices) N(0, init_std²); residual output projections (attention
+          ``o_proj``, FFN ``down``) N(0, init_std²/(2·n_layer)) (GPT-2's depth scaling).
+        * ``"torch"``: PyTorch's defaults, which the DIFF authors' reference modules use (methods.md
+          §1.5): every nn.Linear Kaiming-uniform(a=√5), i.e. U(±1/√fan_in); nn.Embedding N(0, 1).
+
+        Under both: block RMSNorm gains 1; the DIFF per-head norm gain ``diff_norm_gain_init`` (1 in
+        the reference code); DIFF λ vectors N(0, lambda_std²) in fp32 (methods.md §1.3); Shared DIFF
+        B matrices 0 for ``shared_init='lora'``, N(0, 1/r) for ``'random'``.
+        docs/results/init.md measures what the choice does to the cpu-tiny comparison.
         """
         cfg = self.config
         std = cfg.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
+                if cfg.init == "torch":
+                    module.reset_parameters()
+                else:
+                    module.weight.normal_(0.0, std)
             elif isinstance(module, RMSNorm) and module.weight is not None:
                 module.weight.fill_(1.0)
         for block in self.layers:
-            block.attn.o_proj.weight.normal_(0.0, std / (2 * cfg.n_layer) ** 0.5)
-            block.ffn.down.weight.normal_(0.0, std / (2 * cfg.n_layer) ** 0.5)
+            if cfg.init == "gpt2":
+                block.attn.o_proj.weight.normal_(0.0, std / (2 * cfg.n_layer) ** 0.5)
+                block.ffn.down.weight.normal_(0.0, std / (2 * cfg.n_layer) ** 0.5)
             if hasattr(block.attn, "init_lambdas"):
                 block.attn.init_lambdas()
+            norm = getattr(block.attn, "head_norm", None)
+            if norm is not None and norm.weight is not None:
+                norm.weight.fill_(cfg.diff_norm_gain_init)
             if isinstance(block.attn, SharedDiffAttention):
                 for up in (block.attn.q_up, block.attn.k_up):
                     if cfg.shared_init == "lora":
