@@ -191,13 +191,13 @@ class RecallStudyOptions:
     seeds: int | list[int] = 3
     task: RecallTask = field(default_factory=RecallTask)
     # the baseline Transformer (variants parameter-matched with presets.matched, like the LM)
-    d_model: int = 96
+    d_model: int = 64
     n_layer: int = 2
     n_head: int = 6
     head_dim: int = 16
-    ffn_hidden: int = 256
+    ffn_hidden: int = 192
     # training: AdamW, linear warm-up then cosine to lr/10, N drawn per batch from train_n
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50

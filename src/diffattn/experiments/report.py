@@ -657,12 +657,16 @@ def write_report(out: str | os.PathLike, fmt: str = "md") -> Path:
 
 
 def summary_table(out: str | os.PathLike) -> str:
-    """The Summary and loss tables as plain Markdown (what `make demo` prints)."""
+    """The headline per variant as plain text (what `make demo` prints): parameters, validation loss and,
+    when the study ran the recall task, recall accuracy (mean over N; mean ± std over its seeds)."""
     results = json.loads((Path(out) / "results.json").read_text())
     study = Study(results)
-    rows = [f"{'variant':26s} {'params':>12s} {'val loss':>18s}"]
+    rec = results.get("recall")
+    rows = [f"{'variant':26s} {'params':>12s} {'val loss':>18s}" + (f" {'recall acc (mean over N)':>26s}" if rec else "")]
     for v in study.variants:
-        rows.append(f"{study.label(v):26s} {results['models'][v]['params']['total']:>12,} "
-                    f"{_pm(study.final_val(v), 4):>18s}")
+        line = f"{study.label(v):26s} {results['models'][v]['params']['total']:>12,} {_pm(study.final_val(v), 4):>18s}"
+        if rec and rec["runs"].get(v):
+            accs = [sum(x["accuracy"] for x in r["by_n"]) / len(r["by_n"]) for r in rec["runs"][v].values()]
+            line += f" {_pm(accs, 3):>26s}"
+        rows.append(line)
     return "\n".join(rows)
-
