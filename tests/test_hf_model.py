@@ -239,7 +239,7 @@ def test_unexpected_tensor_is_named(tmp_path):
 def test_variant_mismatch_names_the_tensor(tmp_path):
     d = _saved(tmp_path, "diff_v1")
     _edit_config(d, attention="diff_v2", lambda_init=None, lambda_std=None, diff_norm=None, diff_norm_affine=None,
-                 head_dim=16)
+                 diff_norm_gain_init=None, head_dim=16)
     with pytest.raises(ValueError, match=r"(missing|unexpected) tensor 'model\.layers\.0\.attn\.lambda_"):
         AutoModelForCausalLM.from_pretrained(d)
 

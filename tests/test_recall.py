@@ -212,6 +212,21 @@ def test_compare_recall_report_json_and_plots_agree(corpus_dir, tmp_path, capsys
     assert "[recall] context" in capsys.readouterr().err
 
 
+def test_recall_only_study_trains_no_language_model(tmp_path, capsys):
+    out = tmp_path / "recall-only"
+    assert main(["compare", "--preset", "micro", "--variants", "standard,shared_diff", "--out", str(out), "--quiet",
+                 "--set", 'study.tasks=["recall"]', "--set", "recall.seeds=1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["runs"] == {} and results["data"] is None and not (out / "runs").exists()
+    assert set(results["recall"]["runs"]) == {"standard", "shared_diff"}
+    assert results["models"]["shared_diff"] == results["recall"]["models"]["shared_diff"]
+    md = (out / "REPORT.md").read_text()
+    assert "No language model in this study" in md and "## Language-modelling loss" not in md
+    assert "## Recall amid distractors" in md
+    # one seed: the fixed margins apply, and the summary printed by the CLI has the recall column
+    assert "recall acc (mean over N)" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------ the verdict rule
 @pytest.mark.parametrize("better", ["higher", "lower"])
 def test_paired_verdict_rule_three_seeds(better):

@@ -6,6 +6,7 @@ intact) and a second process on the same run directory (refused by a lock)."""
 
 import errno
 import json
+import re
 import os
 import shutil
 import signal
@@ -208,6 +209,19 @@ def test_lambda_and_grad_norm_explosions_are_reported(corpus, tmp_path):
     assert all(a["step"] > 10 for a in alarms if a["what"] == "grad_norm")
     assert any(a["what"] == "grad_norm" for a in alarms)  # some norm exceeds half the median
     assert any("lambda" in str(w.message) for w in caught) and any("grad norm" in str(w.message) for w in caught)
+
+
+def test_alarms_print_as_one_clean_line_on_the_command_line(corpus, tmp_path):
+    """Under `diffattn train` an alarm is one log line (step, what, value), not a Python warning with its
+    source line and path."""
+    cfg = config(tmp_path, corpus, max_steps=12, checkpoint_every=0, lambda_alarm=1e-6)
+    proc = subprocess.run([sys.executable, "-m", "diffattn.cli", "train", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "exceeds" in ln]
+    assert lines and all(re.fullmatch(r"diffattn train: alarm: step \d+: layer \d+ lambda \S+ exceeds \|1e-06\|", ln)
+                         for ln in lines), lines
+    assert "TrainingAlarm" not in proc.stderr and "warnings.warn" not in proc.stderr and ".py:" not in proc.stderr
 
 
 def test_guard_spike_rule():

@@ -9,6 +9,7 @@ problem and exits with code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import sys
@@ -48,19 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings(command: str) -> None:
-    """Show Python warnings raised under a command as one clean line each (no source line, no path):
-    a training alarm reads ``diffattn train: alarm: step 120: grad norm 9.1 > 8 x running median 1.1``."""
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """Print Python warnings raised under a command as one clean line each (no source line, no path): a
+    training alarm reads ``diffattn train: alarm: step 120: grad norm 9.1 > 8 x running median 1.1``.
+    Only the text is changed (``warnings.formatwarning``), so filters and recorders still see every warning."""
     import warnings
 
     from .train.faults import TrainingAlarm
 
-    def show(message, category, filename, lineno, file=None, line=None):
+    def fmt(message, category, filename, lineno, line=None):
         kind = "alarm" if issubclass(category, TrainingAlarm) else "warning"
         text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
-        print(f"diffattn {command}: {kind}: {text}", file=file or sys.stderr, flush=True)
+        return f"diffattn {command}: {kind}: {text}\n"
 
-    warnings.showwarning = show
+    saved, warnings.formatwarning = warnings.formatwarning, fmt
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _one_line_warnings(args.command)
     try:
-        return int(args.func(args) or 0)
+        with _one_line_warnings(args.command):
+            return int(args.func(args) or 0)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"diffattn {args.command}: error: {msg}", file=sys.stderr)

@@ -365,7 +365,6 @@ def study_fingerprint(study: StudyConfig) -> str:
 def run_compare(study: StudyConfig, out: str | os.PathLike, *, data_dir: str | None = None,
                 log: Callable[[str], None] = print) -> dict:
     from ..eval.tokenizer import TextTokenizer
-    from . import report
 
     out = Path(out)
     record = {"preset": study.name, "source": study.source, "fingerprint": study_fingerprint(study)}
@@ -373,6 +372,16 @@ def run_compare(study: StudyConfig, out: str | os.PathLike, *, data_dir: str | N
     from ..train.config import TrainConfig
 
     t_start = time.time()
+    lm = any(t != "recall" for t in study.tasks)  # recall alone trains no language model and needs no corpus
+    if not lm:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STUDY_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        recall = recall_study(study, out, log)
+        results = {"preset": study.name, "source": study.source, "fingerprint": record["fingerprint"],
+                   "variants": list(study.variants), "seeds": [], "tasks": list(study.tasks), "data": None,
+                   "train": {}, "needle_mix": {}, "models": recall["models"], "runs": {}, "cost": None,
+                   "recall": recall, "environment": environment(), "wall_time_s": time.time() - t_start}
+        return _write_results(out, results)
     data = prepare_data(study, data_dir, log)
     for variant in study.variants:  # validate every run's settings before anything is written
         TrainConfig.from_dict({**study.train, "data": str(data), "out": str(out), "seed": study.seeds[0]}
@@ -415,6 +424,12 @@ def run_compare(study: StudyConfig, out: str | os.PathLike, *, data_dir: str | N
         "wall_time_s": time.time() - t_start,
     }
     results["data"]["index"].pop("splits", None)  # file lists: not needed in the report
+    return _write_results(out, results)
+
+
+def _write_results(out: Path, results: dict) -> dict:
+    from . import report
+
     tmp = out / f".{RESULTS_FILE}.tmp"
     tmp.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
     os.replace(tmp, out / RESULTS_FILE)

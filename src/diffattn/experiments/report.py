@@ -131,7 +131,7 @@ def _baselines_for(variant: str, study: Study) -> list[str]:
 def section_setup(study: Study) -> list[Block]:
     r = study.r
     env = r.get("environment", {})
-    idx = r.get("data", {}).get("index", {})
+    idx = (r.get("data") or {}).get("index", {})
     train = r.get("train", {})
     blocks = [Block("h1", f"diffattn compare — preset `{r['preset']}`"),
               Block("list", items=[
@@ -140,21 +140,22 @@ def section_setup(study: Study) -> list[Block]:
                   f"hardware: {env.get('device', '')} ({env.get('cpu_count')} CPU cores), {env.get('platform', '')}",
                   f"versions: diffattn {env.get('diffattn')}, torch {env.get('torch')}, transformers "
                   f"{env.get('transformers')}, Python {env.get('python')}",
-                  f"data: `{r.get('data', {}).get('dir')}`, vocabulary {idx.get('vocab_size')}, documents "
-                  f"{idx.get('documents')}",
+                  (f"data: `{r['data'].get('dir')}`, vocabulary {idx.get('vocab_size')}, documents "
+                   f"{idx.get('documents')}" if r.get("data") else "data: none (recall only: no language model)"),
                   "training (identical for every variant and seed): " + ", ".join(
                       f"{k}={v}" for k, v in train.items() if k not in ("progress", "tensorboard")),
                   _init_line(r),
-                  (f"needle-retrieval share of training rows: {r.get('needle_mix', {}).get('share', 0):.0%} "
+                  (f"needle-retrieval share of training rows: {r['needle_mix']['share']:.0%} "
                    f"(training cities/numbers disjoint from the evaluation's; haystack from the train split)"
                    if r.get("needle_mix", {}).get("share") else "needle-retrieval rows in training: none"),
                   f"seeds: {', '.join(study.seeds)}; variants: {', '.join(study.label(v) for v in study.variants)}",
               ]),
               Block("p", "Scale note: the paper's numbers come from 3B-parameter models trained on 350B-1T tokens. "
                          "A study of this size can only test the *direction* of each effect."),
-              Block("p", VERDICT_RULE + f" The language models here use {len(study.seeds)} seed"
-                         f"{'s' if len(study.seeds) > 1 else ''}"
-                         + (" (single-seed margins, weaker verdicts)" if len(study.seeds) == 1 else "")
+              Block("p", VERDICT_RULE + (f" The language models here use {len(study.seeds)} seed"
+                                         f"{'s' if len(study.seeds) > 1 else ''}"
+                                         + (" (single-seed margins, weaker verdicts)" if len(study.seeds) == 1 else "")
+                                         if study.seeds else " No language model in this study")
                          + (f"; the recall task {len(r['recall']['seeds'])}." if r.get("recall") else "."))]
     return blocks
 
@@ -564,7 +565,7 @@ def build(results: dict, out: Path) -> list[Block]:
     matplotlib.use("Agg")
     study = Study(results)
     summary: list[list[str]] = []  # the sections add their headline verdicts here
-    body = section_models(study) + section_loss(study, out, summary)
+    body = section_models(study) + (section_loss(study, out, summary) if study.r["runs"] else [])
     body += section_needle(study, out, summary) + section_attention(study, out, summary)
     body += section_recall(study, out, summary)
     body += section_outliers(study, summary) + section_lambda(study, out) + section_cost(study, summary)

@@ -1,0 +1,281 @@
+"""One prepared GPU check: every GPU claim of the project measured by one command in at most 8 minutes.
+
+    benchmarks/gpu_check.sh OUTDIR            # on one H100/H200 (the project used in place, nothing downloaded)
+    benchmarks/gpu_check.sh OUTDIR --dry-run  # the identical plan on CPU, tiny shapes, Triton interpreter
+
+Sections run in order of importance, each in its own process with its own time cap; a section that fails
+or runs out of time is recorded and the next one runs. Each writes its result into OUTDIR as soon as it
+finishes, and ``summary.json`` is rewritten after every section, so whatever ran is safe on disk if the
+machine goes away. At most 8 flat files:
+
+1. ``1_env.json``          GPU, driver, CUDA, torch, triton, transformers (checked before anything runs)
+2. ``2_correctness.json``  fused DIFF V1 kernel vs reference: fp32/bf16, fwd/bwd, causal/not, GQA, T ≤ 8K,
+                           head_dim 64/128; decode vs the full forward's last row; tiny V1 / Shared DIFF
+                           models with kernel="triton" vs "eager" (logits, gradients, greedy tokens)
+3. ``3_attention.json``    ``diffattn bench attention`` bf16, T = 2K/4K/8K, fwd and fwd+bwd: fused V1 core vs
+                           flash SDPA of the matched baseline, the authors' split-value core, DiffLlama
+4. ``4_train.json``        ``diffattn bench train`` at the gpu-medium shapes (~125M), bf16, every variant:
+                           tokens/s ratios, MFU, peak memory; eager and torch.compile
+5. ``5_decode.json``       ``diffattn bench generate``: KV-cache decode tokens/s at batch 1 and 16
+6. ``6_compare.json``      only with the time left: a ``diffattn compare --preset gpu-small`` run on a budget
+                           that fits (its results.json and REPORT.md)
+   ``summary.json``        every section's status, seconds and cap, the command, the plan
+
+``benchmarks/gpu_results_to_docs.py OUTDIR`` turns the directory into the tables of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TOTAL_BUDGET_S = 480  # 8 minutes, wall clock, everything included
+MIN_VERSIONS = {"torch": (2, 11), "transformers": (5, 17), "triton": (3, 2)}
+# the gpu-medium baseline (configs/compare-gpu-medium.toml): ~125M parameters
+MEDIUM = dict(d_model=768, n_layer=12, n_head=12, vocab_size=50257)
+
+
+@dataclass
+class Section:
+    name: str
+    file: str
+    cap_s: int
+    commands: list[list[str]]  # run in order; {out} in an argument is the section's file
+    env: dict[str, str] = field(default_factory=dict)
+    merge: list[str] | None = None  # keys for the JSON files of several commands, merged into one file
+
+
+def _py(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def _bench(kind: str, out: str, *args: str) -> list[str]:
+    return _py("-m", "diffattn.cli", "bench", kind, *args, "--json", out, "--quiet")
+
+
+def plan(dry: bool, out: Path, compare_data: str | None, scratch: Path | None = None) -> list[Section]:
+    """The sections, dry (CPU, tiny shapes, Triton interpreter) or real (one CUDA GPU). ``scratch``: a
+    directory outside OUTDIR for intermediate files (OUTDIR holds only the sections' files)."""
+    o = lambda f: str(out / f)  # noqa: E731
+    scratch = scratch or out
+    x = lambda f: str(scratch / f)  # noqa: E731
+    if dry:
+        dev = ["--device", "cpu", "--dtype", "fp32", "--kernel", "sdpa"]
+        att = ["--seq-len", "64", "128", "--d-model", "64", "--n-head", "4", "--head-dim", "16", "--repeats", "2",
+               "--warmup", "1"]
+        trn = ["--seq-len", "64", "--batch", "2", "--d-model", "64", "--n-head", "4", "--n-layer", "2",
+               "--vocab-size", "256", "--repeats", "2", "--warmup", "1", "--no-memory"]
+        trn_compile = trn + ["--compile", "--variants", "diff_v1", "--no-references"]
+        dec = ["--seq-len", "32", "--batch", "1", "4", "--new-tokens", "4", "--d-model", "64", "--n-head", "4",
+               "--n-layer", "2", "--vocab-size", "256", "--repeats", "1", "--warmup", "1"]
+        cmp = ["--preset", "micro", "--set", 'study.tasks=["recall"]', "--set", "recall.seeds=1",
+               "--variants", "standard,diff_v1"]
+        caps = dict(env=60, correctness=240, attention=60, train=150, decode=60, compare=120)
+    else:
+        dev = ["--device", "cuda", "--dtype", "bf16", "--kernel", "triton"]
+        att = ["--seq-len", "2048", "4096", "8192", "--d-model", "2048", "--n-head", "16", "--head-dim", "128",
+               "--repeats", "10", "--warmup", "3"]
+        trn = ["--seq-len", "2048", "--batch", "8", "--d-model", str(MEDIUM["d_model"]), "--n-head",
+               str(MEDIUM["n_head"]), "--n-layer", str(MEDIUM["n_layer"]), "--vocab-size", str(MEDIUM["vocab_size"]),
+               "--repeats", "5", "--warmup", "2"]
+        trn_compile = trn + ["--compile", "--no-references"]
+        dec = ["--seq-len", "2048", "--batch", "1", "16", "--new-tokens", "64", "--d-model", str(MEDIUM["d_model"]),
+               "--n-head", str(MEDIUM["n_head"]), "--n-layer", str(MEDIUM["n_layer"]), "--vocab-size",
+               str(MEDIUM["vocab_size"]), "--repeats", "3", "--warmup", "1"]
+        cmp = ["--preset", "gpu-small", "--set", "train.max_steps=150", "--set", "train.warmup_steps=15",
+               "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--set", "study.bench_repeats=3",
+               "--set", 'study.tasks=["ppl","outliers","lambda"]', "--set", "needle_mix.share=0",
+               "--variants", "standard,diff_v1,diff_v2"]
+        caps = dict(env=30, correctness=150, attention=90, train=150, decode=60, compare=240)
+    if compare_data:
+        cmp += ["--data", compare_data]
+    interp = {"TRITON_INTERPRET": "1"} if dry else {}
+    cdir = x("compare")
+    return [
+        Section("env", "1_env.json", caps["env"], [_py("-m", "diffattn.bench.gpu_check", "--env-only", o("1_env.json"))
+                                                     + (["--dry-run"] if dry else [])]),
+        Section("correctness", "2_correctness.json", caps["correctness"],
+                [_py("-m", "diffattn.bench.gpu_correctness", o("2_correctness.json")) + (["--dry-run"] if dry else [])],
+                env=interp),
+        Section("attention", "3_attention.json", caps["attention"], [_bench("attention", o("3_attention.json"), *dev, *att)]),
+        Section("train", "4_train.json", caps["train"],
+                [_bench("train", x("4_eager.json"), *dev, *trn), _bench("train", x("4_compile.json"), *dev, *trn_compile)],
+                merge=["eager", "compile"]),
+        Section("decode", "5_decode.json", caps["decode"], [_bench("generate", o("5_decode.json"), *dev, *dec)]),
+        Section("compare", "6_compare.json", caps["compare"],
+                [_py("-m", "diffattn.cli", "compare", *cmp, "--out", cdir, "--quiet")]),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ section 1
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def _tuple(v: str | None) -> tuple[int, ...]:
+    out = []
+    for part in (v or "0").split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def environment(dry: bool) -> dict:
+    import platform
+
+    import torch
+
+    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
+           "platform": platform.platform(), "cpu_count": os.cpu_count(), "dry_run": dry,
+           "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
+           "transformers": _version("transformers"), "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}")
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            env["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+        except (OSError, subprocess.TimeoutExpired):
+            env["driver"] = None
+    problems = [f"{m} {env[m]} < {'.'.join(map(str, v))}" if env[m] else f"{m} missing"
+                for m, v in MIN_VERSIONS.items() if _tuple(env[m]) < v]
+    if not dry and not torch.cuda.is_available():
+        problems.append("no CUDA GPU visible (torch.cuda.is_available() is False)")
+    env["problems"] = problems
+    return env
+
+
+# ------------------------------------------------------------------------------------------ the runner
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _run_section(sec: Section, out: Path, scratch: Path, cap: float, log) -> dict:
+    t0 = time.time()
+    env = {**os.environ, **sec.env}
+    src = str(Path(__file__).resolve().parents[2])  # the project used in place (PYTHONPATH=src)
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    status, tails = "ok", []
+    for cmd in sec.commands:
+        left = cap - (time.time() - t0)
+        if left <= 1:
+            status = "timed out"
+            break
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left, env=env)
+        except subprocess.TimeoutExpired as e:
+            status = "timed out"
+            tails.append(((e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes)
+                          else (e.stderr or ""))[-1500:])
+            break
+        tails.append((proc.stderr or "")[-1500:])
+        if proc.returncode != 0:
+            status = "failed" if proc.returncode != 1 or sec.name != "correctness" else "checks failed"
+            if sec.name != "correctness":
+                break
+    if sec.merge:  # several commands' JSON into the section's one file
+        parts = {}
+        for key, cmd in zip(sec.merge, sec.commands):
+            part = Path(cmd[cmd.index("--json") + 1])
+            if part.is_file():
+                parts[key] = json.loads(part.read_text())
+                part.unlink()
+        if parts:
+            _write_json(out / sec.file, parts)
+    if sec.name == "compare":
+        cdir = scratch / "compare"
+        if (cdir / "results.json").is_file():
+            res = json.loads((cdir / "results.json").read_text())
+            report = (cdir / "REPORT.md").read_text() if (cdir / "REPORT.md").is_file() else None
+            _write_json(out / sec.file, {"results": res, "report_md": report})
+    produced = (out / sec.file).is_file()
+    if status == "ok" and not produced:
+        status = "failed"
+    record = {"status": status, "seconds": round(time.time() - t0, 1), "cap_s": round(cap), "file": sec.file,
+              "produced": produced, "commands": [shlex.join(c) for c in sec.commands]}
+    if status != "ok":
+        record["stderr_tail"] = "\n".join(tails)[-2000:]
+    log(f"[gpu-check] {sec.name}: {status} in {record['seconds']:.0f}s (cap {record['cap_s']}s)")
+    return record
+
+
+def run(out: Path, *, dry: bool, compare_data: str | None = None, budget_s: float = TOTAL_BUDGET_S,
+        skip: tuple[str, ...] = (), log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    summary = {"command": shlex.join(["benchmarks/gpu_check.sh", str(out)] + (["--dry-run"] if dry else [])),
+               "dry_run": dry, "budget_s": budget_s, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "sections": {}}
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    sections = plan(dry, out, compare_data, scratch)
+    for sec in sections:
+        if sec.name in skip:
+            summary["sections"][sec.name] = {"status": "skipped", "file": sec.file, "produced": False}
+            continue
+        cap = min(sec.cap_s, budget_s - (time.time() - t0) - 5)  # a section never runs past the budget
+        if cap < 10:
+            summary["sections"][sec.name] = {"status": "no time left", "file": sec.file, "produced": False}
+            log(f"[gpu-check] {sec.name}: no time left")
+        else:
+            summary["sections"][sec.name] = _run_section(sec, out, scratch, cap, log)
+        summary["elapsed_s"] = round(time.time() - t0, 1)
+        _write_json(out / "summary.json", summary)
+        if sec.name == "env":
+            env = json.loads((out / sec.file).read_text()) if (out / sec.file).is_file() else {}
+            if env.get("problems"):
+                summary["aborted"] = "environment: " + "; ".join(env["problems"])
+                _write_json(out / "summary.json", summary)
+                log(f"[gpu-check] stopping: {summary['aborted']}")
+                break
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks/gpu_check.sh", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="output directory (created; at most 8 flat files)")
+    p.add_argument("--dry-run", action="store_true", help="the same plan on CPU, tiny shapes, Triton interpreter")
+    p.add_argument("--compare-data", help="a prepared shard directory for section 6 (gpu-small's data/gpu-small)")
+    p.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="wall-clock budget in seconds (default 480)")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip (e.g. compare)")
+    p.add_argument("--env-only", action="store_true", help=argparse.SUPPRESS)  # section 1, in its own process
+    args = p.parse_args(argv)
+    if args.env_only:
+        _write_json(Path(args.out), environment(args.dry_run))
+        return 0
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"gpu_check: error: {out} exists and is not empty; choose a new OUTDIR", file=sys.stderr)
+        return 2
+    names = [s.strip() for s in args.skip.split(",") if s.strip()]
+    valid = [s.name for s in plan(args.dry_run, out, None)]
+    if any(n not in valid for n in names):
+        print(f"gpu_check: error: --skip: unknown section(s) {[n for n in names if n not in valid]}; valid: "
+              f"{', '.join(valid)}", file=sys.stderr)
+        return 2
+    summary = run(out, dry=args.dry_run, compare_data=args.compare_data, budget_s=args.budget, skip=tuple(names))
+    ok = sum(1 for s in summary["sections"].values() if s["status"] == "ok")
+    print(f"gpu_check: {ok}/{len(summary['sections'])} sections ok in {summary.get('elapsed_s', 0):.0f}s; "
+          f"results in {out}", file=sys.stderr)
+    return 0 if "aborted" not in summary else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
