@@ -227,8 +227,9 @@ def run(out: Path, *, dry: bool, compare_data: str | None = None, budget_s: floa
         if sec.name in skip:
             summary["sections"][sec.name] = {"status": "skipped", "file": sec.file, "produced": False}
             continue
-        cap = min(sec.cap_s, budget_s - (time.time() - t0) - 5)  # a section never runs past the budget
-        if cap < 10:
+        left = budget_s - (time.time() - t0) - 5  # a section never runs past the budget
+        cap = min(sec.cap_s, left)
+        if left < 10:
             summary["sections"][sec.name] = {"status": "no time left", "file": sec.file, "produced": False}
             log(f"[gpu-check] {sec.name}: no time left")
         else:
