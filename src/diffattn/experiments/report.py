@@ -449,8 +449,11 @@ def section_recall(study: Study, out: Path, summary: list) -> list[Block]:
     def hard_acc(r):
         return sum(x["accuracy"] for x in r["by_n"] if x["n"] in hard) / len(hard)
 
-    def share(cat, n=max(ns), layer=-1):
-        return lambda r: next(x for x in r["by_n"] if x["n"] == n)["shares"][cat][layer]
+    def share(cat, n=max(ns), layer=None):  # layer None: the mean over layers (the papers' Table 3 averages them)
+        def get(r):
+            per_layer = next(x for x in r["by_n"] if x["n"] == n)["shares"][cat]
+            return sum(per_layer) / len(per_layer) if layer is None else per_layer[layer]
+        return get
 
     def noise(r):
         return share("other_pairs")(r) + share("filler")(r)
@@ -498,7 +501,7 @@ def section_recall(study: Study, out: Path, summary: list) -> list[Block]:
         summary.append([study.label(v), "higher recall accuracy amid distractors (mean over N)",
                         _pm(list(per_seed(v, mean_acc).values()), 3) + " vs "
                         + _pm(list(per_seed(base, mean_acc).values()), 3), cells[0]])
-        summary.append([study.label(v), "more attention on the answer (recall, last layer, N = C/2)",
+        summary.append([study.label(v), "more attention on the answer (recall, mean over layers, N = C/2)",
                         _pm(list(per_seed(v, share("answer")).values()), 3) + " vs "
                         + _pm(list(per_seed(base, share("answer")).values()), 3), cells[2]])
 
@@ -523,8 +526,9 @@ def section_recall(study: Study, out: Path, summary: list) -> list[Block]:
             Block("table", header=["variant", "parameters"] + [f"N={n}" for n in cols] + ["mean over N"], rows=rows),
             Block("p", "Accuracy of the value predicted after each queried key (mean ± sample std over seeds)."),
             Block("table", header=["variant", "mean accuracy (higher)", f"accuracy, N ≥ {min(hard)} (higher)",
-                                   f"answer share, last layer, N={max(ns)} (higher)",
-                                   f"other pairs + filler share, last layer, N={max(ns)} (lower)"], rows=verdict_rows),
+                                   f"answer share, mean over layers, N={max(ns)} (higher)",
+                                   f"other pairs + filler share, mean over layers, N={max(ns)} (lower)"],
+                  rows=verdict_rows),
             Block("p", "Single-seed margins: 0.05 accuracy, 0.02 share. The directions are the papers' claims carried "
                        "over to this task: DIFF should retrieve better amid distractors and put more of its attention "
                        "on the answer and less on the rest."),
