@@ -6,7 +6,7 @@ uses (the DIFF λ settings, the Shared-DIFF rank) are ``None`` for the others; d
 ``__post_init__`` only when not given. Every impossible combination raises ``ValueError`` naming
 the field and the valid range, so a bad configuration never reaches the model code.
 
-Head semantics follow each paper (see ``../shared/reference/methods.md``):
+Head semantics follow each paper (see ``docs/methods.md``):
 
 * ``standard``: ``n_head`` plain heads of ``head_dim``; default ``head_dim = d_model / n_head``.
 * ``diff_v1`` / ``shared_diff``: ``n_head`` DIFF heads, each with two query/key sub-heads of

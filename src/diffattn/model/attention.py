@@ -8,7 +8,7 @@ Every variant has the constructor ``(config, layer_idx)`` and the forward contra
 holding the effective map each output head applies to its values (for DIFF: A1 − λ·A2) and the
 component softmax maps. λ, the subtraction and the per-head norm are written once per variant.
 
-Sources (../shared/reference/methods.md): standard and DIFF V1 §1 (arXiv 2410.05258), DIFF V2 §2
+Sources (docs/methods.md; section numbers § refer to the project's methods spec): standard and DIFF V1 §1 (arXiv 2410.05258), DIFF V2 §2
 (Microsoft blog 2026-01), Shared DIFF §3 (arXiv 2501.17900; method text unavailable, our reading).
 """
 
