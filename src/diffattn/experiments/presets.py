@@ -136,7 +136,7 @@ def parse_study(data: dict[str, Any], *, name: str, source: str | None = None) -
         from .recall import RecallStudyOptions
 
         try:
-            RecallStudyOptions.from_mapping(recall, baseline_vocab=None)
+            RecallStudyOptions.from_mapping(recall)
         except ValueError as e:
             _fail(where, f"[recall] {e}")
     ev = data.get("eval", {})

@@ -217,7 +217,7 @@ class RecallStudyOptions:
         return list(self.train_n) if self.train_n else list(range(2, self.task.max_n + 1, 2))
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], baseline_vocab=None) -> "RecallStudyOptions":
+    def from_mapping(cls, data: Mapping[str, Any]) -> "RecallStudyOptions":
         task_keys = {f.name for f in fields(RecallTask)}
         own = {f.name for f in fields(cls)} - {"task"}
         unknown = sorted(set(data) - task_keys - own)
