@@ -98,13 +98,16 @@ def write_doc(results: dict[str, dict], path: Path, command: str) -> None:
 
     env = environment()
     any_res = next(iter(results.values()))
-    wall = sum(r.get("wall_time_s", 0) for r in results.values())
+    train_s = sum(run["summary"].get("train_wall_s", 0) for r in results.values() for by in r["runs"].values()
+                  for run in by.values())
+    n_runs = sum(len(by) for r in results.values() for by in r["runs"].values())
     text = [
         "# Initialisation study: the cpu-tiny language-model gap under each init option", "",
         f"- command: `{command}`",
         f"- date: {env['date']}; hardware: {env['device']} ({env['cpu_count']} CPU cores), {env['platform']}; "
-        f"torch {env['torch']}; wall time of the runs in this invocation {wall / 60:.1f} min (runs reused from "
-        "an earlier invocation count ~0)",
+        f"torch {env['torch']}; {n_runs} training runs, {train_s / 60:.0f} min of training in all (runs of an "
+        "interrupted invocation are reused; some ran beside other jobs, which changes only their time: every run is "
+        "deterministic, and the options that leave a variant unchanged reproduce its loss exactly)",
         f"- recipe: preset `{any_res['preset']}` language model only (task ppl), seeds {', '.join(map(str, any_res['seeds']))}; "
         "training: " + ", ".join(f"{k}={v}" for k, v in any_res["train"].items() if k not in ("progress", "tensorboard")),
         "- each variant's gap is to the Transformer trained with the same init option and the same seed", "",
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/init-study")
     p.add_argument("--preset", default="cpu-tiny")
     p.add_argument("--data", help="a ready shard directory (default: the preset's, prepared if needed)")
-    p.add_argument("--options", default="gpt2,torch,gpt2-gain0.1", help=f"comma-separated: {', '.join(OPTIONS)}")
+    p.add_argument("--options", default="gpt2,torch,gpt2-gain0.1,torch-gain0.1", help=f"comma-separated: {', '.join(OPTIONS)}")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--doc", help="write the Markdown table here (e.g. docs/results/init.md)")
     args = p.parse_args(argv)
