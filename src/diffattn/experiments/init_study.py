@@ -112,8 +112,10 @@ def write_doc(results: dict[str, dict], path: Path, command: str) -> None:
         "training: " + ", ".join(f"{k}={v}" for k, v in any_res["train"].items() if k not in ("progress", "tensorboard")),
         "- each variant's gap is to the Transformer trained with the same init option and the same seed", "",
         "Init options:", ""]
-    text += [f"- `{name}`: {OPTIONS[name][2]}" for name in results] + ["", table(results), "", VERDICT_RULE,
-                                                                         " Single-seed margin: 0.01 nats.", ""]
+    text += [f"- `{name}`: {OPTIONS[name][2]}" for name in results] + ["", table(results), "",
+             "The gain options change only DIFF V1 and Shared DIFF (V2 has no per-head norm): their Transformer and "
+             "V2 rows are the base option's models, retrained, and reproduce its losses bit for bit.", "",
+             VERDICT_RULE + " Single-seed margin: 0.01 nats.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(text))
