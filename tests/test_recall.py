@@ -227,6 +227,19 @@ def test_recall_only_study_trains_no_language_model(tmp_path, capsys):
     assert "recall acc (mean over N)" in capsys.readouterr().out
 
 
+def test_recall_worker_processes_give_the_same_records(tmp_path):
+    """Runs spread over worker processes (the demo's two) equal the in-process runs bit for bit."""
+    records = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        assert main(["compare", "--preset", "micro", "--variants", "standard,diff_v1", "--out", str(out), "--quiet",
+                     "--set", 'study.tasks=["recall"]', "--set", "recall.seeds=1", "--set", f"recall.workers={workers}"]) == 0
+        runs = json.loads((out / "results.json").read_text())["recall"]["runs"]
+        records[workers] = {v: {s: {k: x for k, x in r.items() if k not in ("train_s", "eval_s")}
+                                for s, r in by.items()} for v, by in runs.items()}
+    assert records[1] == records[2] and set(records[1]) == {"standard", "diff_v1"}
+
+
 # ------------------------------------------------------------------------ the verdict rule
 @pytest.mark.parametrize("better", ["higher", "lower"])
 def test_paired_verdict_rule_three_seeds(better):
