@@ -212,8 +212,17 @@ def section_loss(study: Study, out: Path, summary: list) -> list[Block]:
             axes[1].plot([x["tokens"] for x in va], [x["val_loss"] for x in va], marker="o", ms=3, **kw)
     axes[0].set(title="training loss", xlabel="tokens", ylabel="loss")
     axes[1].set(title="validation loss", xlabel="tokens", ylabel="loss")
+    if all(len(run["metrics"]["val"]) < 2 for v in study.variants for run in study.runs(v)):
+        # one evaluation per run (eval_every = 0): a curve of single points says nothing; show the final losses
+        axes[1].clear()
+        finals = [(study.label(v), _mean(study.final_val(v))) for v in study.variants if study.final_val(v)]
+        axes[1].bar(range(len(finals)), [f for _, f in finals], color=[f"C{i}" for i in range(len(finals))])
+        axes[1].set_xticks(range(len(finals)), [name for name, _ in finals], rotation=20, ha="right", fontsize=8)
+        lo = min(f for _, f in finals) if finals else 0.0
+        axes[1].set(title="final validation loss (mean over seeds)", ylabel="loss", ylim=(lo - 0.1, None))
     for ax in axes:
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.savefig(out / "loss_curves.png", dpi=110)
 
@@ -399,7 +408,7 @@ def section_lambda(study: Study, out: Path) -> list[Block]:
     shown = [v for v in study.variants if study.eval_values(v, "lambda", ["layers"])]
     if not shown:
         return []
-    from ..eval.common import new_figure
+    from ..eval.common import integer_xaxis, new_figure
 
     fig, ax = new_figure(6.4, 4)
     rows = []
@@ -413,6 +422,7 @@ def section_lambda(study: Study, out: Path) -> list[Block]:
             ax.plot(range(n), init, ls="--", alpha=0.6, label=f"{study.label(v)} λ_init")
         rows.append([study.label(v)] + [_fmt(x, 3) for x in lam])
     ax.set(xlabel="layer (depth)", ylabel="λ", title="λ by depth")
+    integer_xaxis(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(out / "lambda_by_depth.png", dpi=110)
@@ -608,11 +618,12 @@ def to_markdown(blocks: list[Block]) -> str:
 
 
 def _inline_md(text: str) -> str:
-    """The little Markdown the blocks use: **bold** and `code`."""
+    """The little Markdown the blocks use: **bold**, *emphasis* and `code`."""
     import re
 
     text = html.escape(text)
     text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"(?<![\w*])\*(?![\s*])(.+?)(?<![\s*])\*(?![\w*])", r"<em>\1</em>", text)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
