@@ -136,3 +136,16 @@ def test_outputs_replace_atomically(tmp_path):
     assert json.loads((out / "results.json").read_text()) == {"a": 1}  # the previous results survive
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]  # no temporary directory left behind
     assert isinstance(TaskResult("t", {}, "").figures, dict)
+
+
+@pytest.mark.parametrize("task", ["ppl", "needle", "attention-noise", "outliers", "lambda", "quant", "icl",
+                                  "hallucination"])
+def test_help_never_shows_a_none_default(task, capsys):
+    """Options decided at run time say how in their help text; "(default: None)" says nothing."""
+    from diffattn.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", task, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "--seed" in text

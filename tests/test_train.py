@@ -299,6 +299,29 @@ def test_graceful_stop_on_sigint_then_resume(straight, corpus, tmp_path):
         assert torch.equal(trainer.raw.state_dict()[k], v), k
 
 
+def test_ctrl_c_on_the_command_line_saves_and_exits_130(corpus, tmp_path):
+    """Ctrl-C (SIGINT) under `diffattn train`: the step finishes, a checkpoint is written, and the exit status is
+    130 as shells expect (it was 0)."""
+    import subprocess
+    import sys
+    import time
+
+    cfg = write_config(tmp_path / "r.toml", corpus, tmp_path / "out", max_steps=100000, checkpoint_every=0,
+                       log_every=1)
+    proc = subprocess.Popen([sys.executable, "-m", "diffattn.cli", "train", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and '"kind": "train"' in metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT (continue with --resume)" in out and "Traceback" not in err
+    assert "\r" not in err and "step/s" not in err  # no progress bar when stderr is not a terminal
+    assert list_checkpoints(tmp_path / "out")
+
+
 def test_activation_checkpointing_gives_the_same_step(corpus, tmp_path):
     tables = load_run_file(write_config(tmp_path / "r.toml", corpus, tmp_path / "o", max_steps=5), ["grad_accum=2"])
     plan = plan_run(tables)

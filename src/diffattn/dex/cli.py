@@ -123,7 +123,7 @@ def run_dex(args: argparse.Namespace) -> int:
     bar = None
     if args.heads == "importance" and not args.no_progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=importance_cost(model), desc="calibrate", unit="head")
+        bar = tqdm(total=importance_cost(model), desc="calibrate", unit="head", disable=None)  # only on a terminal
     t_cal = time.time()
     heads, record = choose_heads(model, args.heads, args.fraction, calib, progress=bar.update if bar else None)
     if bar:

@@ -105,7 +105,7 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_pa
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=settings.steps, desc="dex", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=settings.steps, desc="dex", unit="step", dynamic_ncols=True, disable=None)  # only on a terminal
     t0, tokens, history = time.time(), 0, []
     model.train()
     try:

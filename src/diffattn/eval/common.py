@@ -161,7 +161,9 @@ def add_options_to_parser(parser, cls: type[TaskOptions]) -> None:
         elem, is_list, is_bool = _field_kind(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_ = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")
+        # a None default means "decided at run time": the help text says how, "(default: None)" would not
+        suffix = "" if default is None else f" (default: {shown})"
+        help_ = f"{f.metadata.get('help', '')}{suffix}".replace("%", "%%")
         name = "--" + flag(f.name)
         if is_bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -43,12 +44,17 @@ def run(args: argparse.Namespace) -> int:
         summary = trainer.fit(stop_at_step=args.stop_at_step)
         if info.is_main:
             state = "finished" if summary["finished"] else "stopped (continue with --resume)"
+            if summary.get("signal") and not summary["finished"]:
+                state = f"stopped by {summary['signal']} (continue with --resume)"
             val = f", val_loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
             print(f"{state} at step {summary['step']} ({summary['tokens']:,} tokens){val}; "
                   f"checkpoint {summary['checkpoint']}", flush=True)
     finally:
         trainer.close()
         lock.release()
+    # stopped by a signal, after saving: the shell's convention, 128 + the signal number (Ctrl-C: 130)
+    if summary.get("signal") and not summary["finished"]:
+        return 128 + int(getattr(signal, summary["signal"]))
     return 0
 
 

@@ -229,6 +229,7 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self._stop = False
+        self.stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped fit()
         self.guard = NumericsGuard(config.max_skipped_steps, config.lambda_alarm, config.grad_spike_factor,
                                    skipped=int((resumed or {}).get("skipped_steps", 0)))
         self._lock: DirLock | None = None
@@ -421,7 +422,7 @@ class Trainer:
             self.last_val_loss = self.resumed_state.get("val_loss")
         return {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
                 "val_loss": self.last_val_loss, "checkpoint": str(self.last_checkpoint or latest_checkpoint(self.out)),
-                "finished": self.step >= self.total_steps}
+                "finished": self.step >= self.total_steps, "signal": self.stop_signal}
 
     def _eval_and_log(self, log: MetricsLog) -> None:
         loss = self.evaluate()
@@ -482,6 +483,7 @@ class Trainer:
             if self._stop:  # second signal: give up at once
                 raise KeyboardInterrupt
             self._stop = True
+            self.stop_signal = signal.Signals(signum).name
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
