@@ -44,3 +44,48 @@ def test_generate_cli_bad_input(tmp_path, capsys):
     assert len(err) == 1 and "exceeds the model's max_seq_len 64" in err[0]
     assert main(["generate", "--model", str(d), "--prompt", "the", "--max-new-tokens", "3", "--top-p", "2"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_generate_refuses_hostile_model_directories_with_one_line(tmp_path, capsys):
+    """Issue #18: each case is one line naming the problem, exit 2, never a traceback."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, _, d = make_model_dir(tmp_path)
+
+    def case(name, edit):
+        bad = tmp_path / name
+        shutil.copytree(d, bad)
+        edit(bad)
+        rc = main(["generate", "--model", str(bad), "--prompt", "the", "--max-new-tokens", "2"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err
+        return err[0]
+
+    # config.json that is valid JSON but not an object
+    assert "config.json: expected a JSON object, got list" in case("list", lambda p: (p / "config.json").write_text("[1]"))
+    # invalid JSON names the file
+    assert str(tmp_path / "broken" / "config.json") + ": not valid JSON" in case(
+        "broken", lambda p: (p / "config.json").write_text("{nope"))
+
+    # tensor shapes that do not match config.json name the tensor
+    def reshape(p):
+        tensors = load_file(str(p / "model.safetensors"))
+        key = next(k for k in tensors if k.endswith("embed.weight"))
+        tensors[key] = tensors[key][:, :-2].contiguous()
+        save_file(tensors, str(p / "model.safetensors"), metadata={"format": "pt"})
+    msg = case("shapes", reshape)
+    assert "embed.weight" in msg and "weights do not match config.json" in msg
+
+
+def test_generate_refuses_a_non_utf8_prompt(tmp_path):
+    """A prompt that is not UTF-8 (arrives as lone surrogates) is one line and exit 2, before any model loads."""
+    import subprocess
+    import sys
+
+    _, _, d = make_model_dir(tmp_path)
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"diffattn.cli", b"generate", b"--model", str(d).encode(),
+                           b"--prompt", b"caf\xe9 \xff"], capture_output=True, timeout=120)
+    err = proc.stderr.decode(errors="replace").strip().splitlines()
+    assert proc.returncode == 2 and err == ["diffattn generate: error: --prompt is not valid UTF-8 text"], err

@@ -92,6 +92,11 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device | Non
     if missing or unexpected:
         raise ValueError(f"{weights}: weights do not match config.json "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{weights}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies "
+                             f"{tuple(expected[name].shape)} (weights do not match config.json)")
     model.load_state_dict(state, assign=True)
     model = model.to(device=device) if device is not None else model
     if dtype is not None:

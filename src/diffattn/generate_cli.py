@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from .fsutil import read_json
+from .utils.errors import check_text
+
 
 def _load_tokenizer(directory: Path):
     path = directory / "tokenizer.json"
@@ -48,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"top_k must be >= 1, got {args.top_k} (--top-k)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {args.top_p} (--top-p)")
-    data = json.loads((directory / "config.json").read_text())
+    check_text(args.prompt, "--prompt")
+    data = read_json(directory / "config.json")  # invalid JSON: one line naming the file
+    if not isinstance(data, dict):
+        raise ValueError(f"{directory / 'config.json'}: expected a JSON object, got {type(data).__name__}")
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     if data.get("model_type") == "diffattn":

@@ -182,6 +182,10 @@ def run_load(args: argparse.Namespace) -> int:
         raise ValueError("--out needs --merge (an unmerged adapter is used from its directory with `adapt load`)")
     if args.merge and not args.out:
         raise ValueError("--merge needs --out DIR")
+    if args.prompt:
+        from ..utils.errors import check_text
+
+        check_text(args.prompt, "--prompt")  # before the base model's slow load
     cfg = read_adapter_config(args.adapter)
     if args.merge and not cfg.get("mergeable", True):
         raise ValueError(f"adapter {args.adapter} uses head_norm={cfg['options'].get('head_norm')} "

@@ -29,4 +29,14 @@ class CorruptFileError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-__all__ = ["RunError", "CorruptFileError"]
+def check_text(value: str, what: str) -> str:
+    """``value`` if it is valid Unicode text; a command-line argument that was not UTF-8 arrives with lone
+    surrogates (Python's surrogateescape) and raises ``ValueError`` naming ``what`` instead of failing later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 text") from None
+    return value
+
+
+__all__ = ["RunError", "CorruptFileError", "check_text"]
