@@ -89,3 +89,31 @@ def test_generate_refuses_a_non_utf8_prompt(tmp_path):
                            b"--prompt", b"caf\xe9 \xff"], capture_output=True, timeout=120)
     err = proc.stderr.decode(errors="replace").strip().splitlines()
     assert proc.returncode == 2 and err == ["diffattn generate: error: --prompt is not valid UTF-8 text"], err
+
+
+def test_hf_directories_that_must_not_reach_transformers(tmp_path, capsys):
+    """Pickle-only weights and diffattn weights labelled as another model_type are refused with one line before
+    transformers' slow load, by `generate` and by the eval loader."""
+    import shutil
+    import time
+
+    import pytest
+
+    from diffattn.eval.adapter import load as load_eval
+
+    _, _, d = make_model_dir(tmp_path)
+    relabelled = tmp_path / "llama"
+    shutil.copytree(d, relabelled)
+    cfg = json.loads((relabelled / "config.json").read_text())
+    (relabelled / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8}))
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    for directory, words in ((relabelled, "but the weights are a diffattn model's"), (pickled, "only pickle weights")):
+        t0 = time.time()
+        assert main(["generate", "--model", str(directory), "--prompt", "the", "--max-new-tokens", "2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and time.time() - t0 < 10, err
+        with pytest.raises(ValueError, match=words):
+            load_eval(directory)

@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         new = out[0, len(ids):].tolist()
         text = tok.decode(new)
     else:
+        from .hf.precheck import check_hf_directory
+
+        check_hf_directory(directory, data.get("model_type"))  # pickle-only or mislabelled weights: one line, now
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(directory)

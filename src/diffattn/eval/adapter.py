@@ -723,6 +723,13 @@ def _load_hf(directory: Path, dev, dt, trust_remote_code: bool, gguf_file: str |
     kwargs = dict(dtype=dt, trust_remote_code=trust_remote_code)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    else:  # pickle-only or mislabelled diffattn weights: one line before the slow load
+        from ..hf.precheck import check_hf_directory
+        from ..fsutil import read_json
+
+        cfg_path = Path(directory) / "config.json"
+        cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+        check_hf_directory(directory, cfg.get("model_type") if isinstance(cfg, dict) else None)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
