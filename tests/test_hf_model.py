@@ -253,6 +253,22 @@ def test_unknown_attention_names_the_field(tmp_path):
         AutoConfig.from_pretrained(d)
 
 
+def test_from_pretrained_verifies_checksums_like_the_command_line(tmp_path):
+    """A training checkpoint carries checksums.json: flipped bytes in its weights are refused by the Python API
+    too (transformers alone would load them silently)."""
+    from diffattn.utils.errors import CorruptFileError
+    from diffattn.utils.integrity import write_checksums
+
+    d = _saved(tmp_path)
+    write_checksums(d)
+    AutoModelForCausalLM.from_pretrained(d)  # intact: loads
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    raw[-5] ^= 0x10  # a bit in the last tensor's data: the header still parses
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CorruptFileError, match=r"model\.safetensors: sha256 does not match checksums\.json"):
+        AutoModelForCausalLM.from_pretrained(d)
+
+
 def test_pickle_weights_are_not_loaded(tmp_path):
     d = _saved(tmp_path)
     (d / "model.safetensors").rename(d / "pytorch_model.bin")

@@ -36,6 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..fsutil import read_json
 from ..checkpoint import CONFIG_NAME, WEIGHT_PREFIX, WEIGHTS_NAME
 from ..model import DecoderLM, KVCache, build_model
+from ..utils.integrity import verify_checksums
 from .configuration import MODEL_TYPE, DiffAttnConfig
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -204,8 +205,11 @@ def check_weights(shapes: dict[str, tuple[int, ...]], model_config, source: str)
 
 
 def validate_model_dir(directory: str | os.PathLike, config: DiffAttnConfig | None = None) -> DiffAttnConfig:
-    """Check a diffattn model directory (config + weights) without loading tensors; return its config."""
+    """Check a diffattn model directory (checksums when it has them, config, weight shapes) without loading
+    tensors; return its config."""
     directory = Path(directory)
+    # a training checkpoint's checksums.json: a corrupt file is refused here as the command line refuses it
+    verify_checksums(directory)
     if config is None:
         path = directory / CONFIG_NAME
         if not path.is_file():
