@@ -299,6 +299,28 @@ def test_graceful_stop_on_sigint_then_resume(straight, corpus, tmp_path):
         assert torch.equal(trainer.raw.state_dict()[k], v), k
 
 
+def test_resume_of_a_run_killed_before_its_final_evaluation_completes_it(corpus, tmp_path, capsys):
+    """Killed after the final checkpoint (step 10) but before the final evaluation: `--resume` evaluates the final
+    weights, logs the missing row and prints the true val_loss (it printed the stale one and wrote nothing)."""
+    cfg = write_config(tmp_path / "r.toml", corpus, tmp_path / "out", max_steps=10, checkpoint_every=5, eval_every=4)
+    rc, stdout, err = cli(capsys, "--config", cfg)
+    assert rc == 0, err
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    final = json.loads(lines[-1])
+    assert final["kind"] == "eval" and final["step"] == 10
+    metrics.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:7])  # the row never written, a torn line instead
+    stale = json.loads((latest_checkpoint(tmp_path / "out") / "train_state.json").read_text()).get("val_loss")
+    assert stale != pytest.approx(final["val_loss"])  # the checkpoint holds the step-8 evaluation
+    rc, stdout, err = cli(capsys, "--config", cfg, "--resume")
+    assert rc == 0, err
+    assert f"val_loss {final['val_loss']:.4f}" in stdout
+    evals = read_metrics(tmp_path / "out", "eval")
+    assert [r["step"] for r in evals] == [0, 4, 8, 10] and evals[-1]["val_loss"] == pytest.approx(final["val_loss"])
+    rc, stdout2, _ = cli(capsys, "--config", cfg, "--resume")  # complete now: nothing more is written
+    assert rc == 0 and read_metrics(tmp_path / "out", "eval") == evals
+
+
 def test_ctrl_c_on_the_command_line_saves_and_exits_130(corpus, tmp_path):
     """Ctrl-C (SIGINT) under `diffattn train`: the step finishes, a checkpoint is written, and the exit status is
     130 as shells expect (it was 0)."""

@@ -338,7 +338,9 @@ class Trainer:
         cfg, info = self.config, self.info
         target = self.total_steps if stop_at_step is None else min(self.total_steps, stop_at_step)
         resumed_at = self.step if self.resumed_state is not None else None
-        if resumed_at is not None and self.step >= target:  # nothing left to do: write nothing
+        if resumed_at is not None and self.step >= target:  # nothing left to train
+            if self.step == self.total_steps and not self._final_eval_logged():
+                self._final_eval()  # killed after the final checkpoint, before the final evaluation
             return self._summary()
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -430,6 +432,36 @@ class Trainer:
         log.write({"kind": "eval", "step": self.step, "tokens": self.tokens, "val_loss": loss,
                    "val_ppl": math.exp(min(loss, 700.0)),
                    "val_tokens": n_eval_windows(self.val_shards, self.seq_len, self.config.eval_tokens) * self.seq_len})
+
+    def _final_eval_logged(self) -> bool:
+        from .metrics import METRICS_FILE
+
+        path = self.out / METRICS_FILE
+        if not path.is_file():
+            return False
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line of a killed run
+            if rec.get("kind") == "eval" and rec.get("step") == self.step:
+                return True
+        return False
+
+    def _final_eval(self) -> None:
+        """The final evaluation of a finished run that was killed before it: evaluate the final weights now and
+        log the row, so the summary and metrics.jsonl are what an uninterrupted run leaves."""
+        if self.info.is_main:
+            self._lock = DirLock(self.out, "diffattn train").acquire()
+        log = MetricsLog(self.out, enabled=self.info.is_main, tensorboard=self.config.tensorboard,
+                         resume_step=self.step)
+        try:
+            self._eval_and_log(log)
+        finally:
+            log.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def _progress_bar(self):
         if not (self.info.is_main and self.config.progress):
