@@ -321,3 +321,38 @@ def test_study_adapts_on_text_disjoint_from_the_evaluation_sources():
     corpus.check_specs(list(CLEAN_TEXT))  # raises on an unknown source
     names = {s.split(":", 1)[1] for s in corpus.expand_specs(list(CLEAN_TEXT))}
     assert names and not names & {"bbc", "wikipedia", "wordnet"}
+
+
+def test_adapt_load_refuses_a_damaged_adapter_with_one_line(tiny_base, tmp_path, capsys):
+    """Issue #18: an adapter whose λ is not a number, or whose adapter.safetensors is truncated, is one line and
+    exit 2 (both were tracebacks)."""
+    import shutil
+
+    base, texts = tiny_base
+    out = tmp_path / "adapter"
+    rc, _, err = run(["adapt", "dex", "--base", str(base), "--text", *texts, "--out", str(out), "--steps", "2",
+                      "--batch-size", "2", "--seq-len", "16", "--val-tokens", "32", "--calib-tokens", "32",
+                      "--heads", "all", "--no-progress"], capsys)
+    assert rc == 0, err
+
+    def damaged(name, edit):
+        d = tmp_path / name
+        shutil.copytree(out, d)
+        edit(d)
+        rc, _, err = run(["adapt", "load", str(base), str(d)], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+        return lines[0]
+
+    def bad_lambda(d):
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        cfg["lambda"] = {k: "abc" for k in cfg["lambda"]}
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+    assert "must be a finite number, got 'abc'" in damaged("lam", bad_lambda)
+
+    def truncate(d):
+        w = d / "adapter.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+
+    assert "adapter.safetensors: cannot read safetensors" in damaged("trunc", truncate)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -140,6 +141,18 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a {FORMAT} adapter config")
     if not (directory / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME}")
+    for key, kind in (("options", dict), ("heads", dict), ("base", dict)):
+        if not isinstance(cfg.get(key), kind):
+            raise ValueError(f"{path}: {key!r} must be a JSON object, got {type(cfg.get(key)).__name__}")
+    lam = cfg.get("lambda") or {}
+    bad = {k: v for k, v in (lam.items() if isinstance(lam, dict) else [("lambda", lam)])
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise ValueError(f"{path}: lambda of layer {k} must be a finite number, got {v!r}")
+    step = cfg.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{path}: step must be an integer >= 0, got {step!r}")
     return cfg
 
 
@@ -165,7 +178,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
             apply_dex(model, {layer: heads[layer]}, DEXOptions(**{**options.to_dict(), "lora_rank": ranks[layer]}))
     else:
         apply_dex(model, heads, options)
-    tensors = load_file(str(directory / WEIGHTS_NAME))
+    try:
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+    except Exception as e:  # safetensors' own error types: truncated or corrupt file
+        raise ValueError(f"{directory / WEIGHTS_NAME}: cannot read safetensors "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     mods = {m.layer_idx: m for m in adapter_modules(model)}
     named = dict(model.named_parameters())
     used = set()

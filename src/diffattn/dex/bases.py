@@ -294,6 +294,12 @@ def load_base(spec: str, *, dtype=None, device: str = "cpu", log=print) -> Base:
     from transformers import AutoModelForCausalLM
 
     path, name, bos = resolve_base_path(spec, log)
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():  # transformers' loading bar only on a terminal, like ours
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as e:
