@@ -356,3 +356,38 @@ def test_adapt_load_refuses_a_damaged_adapter_with_one_line(tiny_base, tmp_path,
         w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
 
     assert "adapter.safetensors: cannot read safetensors" in damaged("trunc", truncate)
+
+
+def test_first_use_install_is_seen_by_transformers_in_the_same_process(tmp_path):
+    """Issue #18 item 1: transformers caches "accelerate is not installed" the first time it asks; after the
+    DEX first-use install in the same process, the cached "no" made the first `adapt dex --base smollm2` fail.
+    Simulated in a fresh process: accelerate looks missing (and transformers caches that), pip "installs" it."""
+    import subprocess
+    import sys
+
+    script = r'''
+import importlib.util, types
+import transformers.utils.import_utils as iu
+state = {"installed": False}
+real_pkg, real_find = iu._is_package_available, importlib.util.find_spec
+def fake_pkg(name, return_version=False):  # transformers' own probe: the packages appear once "installed"
+    if name in ("accelerate", "gguf"):
+        return (state["installed"], "1.5.0" if state["installed"] else "N/A") if return_version else state["installed"]
+    return real_pkg(name, return_version)
+iu._is_package_available = fake_pkg
+assert iu.is_accelerate_available() is False  # asked before the install: transformers caches the "no"
+importlib.util.find_spec = lambda name, *a: (real_find("json") if state["installed"] else None) \
+    if name in ("accelerate", "gguf") else real_find(name, *a)
+from diffattn.dex import bases
+def fake_pip(cmd, **kw):
+    assert cmd[1:4] == ["-m", "pip", "install"], cmd
+    state["installed"] = True
+    return types.SimpleNamespace(returncode=0, stdout="", stderr="")
+bases.subprocess.run = fake_pip
+bases.ensure_gguf_support(log=lambda m: None)
+assert state["installed"]
+assert iu.is_accelerate_available() is True, "transformers still says accelerate is missing"
+print("ok")
+'''
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -131,6 +131,20 @@ def ensure_gguf_support(log=print) -> None:
         last = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
         raise BaseModelError(f"could not install {', '.join(missing)} from PyPI ({last[0]}); "
                              f"install them with: pip install 'diffattn[dex]'")
+    forget_package_availability()
+
+
+def forget_package_availability() -> None:
+    """transformers caches "is accelerate / gguf installed?" (functools.lru_cache in its import_utils) the first
+    time it asks; after installing them in this process the cached "no" would make the very first DEX command
+    fail ("accelerate is required"). Clear every such cache so the next question sees the new packages."""
+    utils = sys.modules.get("transformers.utils.import_utils")
+    if utils is None:
+        return  # transformers not imported yet: nothing cached
+    for value in list(vars(utils).values()):
+        clear = getattr(value, "cache_clear", None)
+        if callable(clear):
+            clear()
 
 
 def _download_wheels(spec: KnownBase, dest: Path, log=print) -> None:
@@ -291,11 +305,10 @@ def resolve_base_path(spec: str, log=print) -> tuple[Path, str, bool | None]:
 def load_base(spec: str, *, dtype=None, device: str = "cpu", log=print) -> Base:
     """Load a named base (installing it on first use) or a HF causal-LM directory, in float32 by default."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    # first: a named base installs gguf/accelerate, which transformers' modules must find when first imported
     path, name, bos = resolve_base_path(spec, log)
-    import sys
-
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if not sys.stderr.isatty():  # transformers' loading bar only on a terminal, like ours
