@@ -296,3 +296,19 @@ def test_register_is_idempotent():
     diffattn.hf.register()
     cfg = AutoConfig.for_model("diffattn", vocab_size=10, d_model=8, n_layer=1, n_head=2)
     assert type(AutoModelForCausalLM.from_config(cfg)) is DiffAttnForCausalLM
+
+
+def test_decoderlm_save_pretrained_and_from_pretrained(tmp_path):
+    """build_model() models save and load themselves: the same directory and checks as the command line."""
+    from diffattn.model import DecoderLM
+
+    core = randomized(tiny("diff_v1"))
+    core.save_pretrained(tmp_path / "m")
+    back = DecoderLM.from_pretrained(tmp_path / "m")
+    x = torch.randint(0, core.config.vocab_size, (2, 9))
+    assert back.config == core.config and torch.equal(back(x), core.eval()(x))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # the same directory for transformers
+    assert torch.equal(hf(x).logits, core(x))
+    _edit_config(tmp_path / "m", d_model=core.config.d_model * 2, head_dim=None, ffn_hidden=None)
+    with pytest.raises(ValueError, match="weights do not match config.json"):
+        DecoderLM.from_pretrained(tmp_path / "m")
