@@ -150,4 +150,5 @@ def test_bad_inputs_raise_clear_errors():
         model.generate(torch.ones(1, 2, dtype=torch.long), -1)
     with pytest.raises(TypeError, match="ModelConfig"):
         build_model({"attention": "standard"})
-    assert isinstance(ModelConfig, type)
+    with pytest.raises(ValueError, match="ModelConfig.kernel: unknown kernel 'flash'"):
+        ModelConfig(attention="standard", vocab_size=8, d_model=8, n_layer=1, n_head=2, kernel="flash")

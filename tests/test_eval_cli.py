@@ -135,7 +135,10 @@ def test_outputs_replace_atomically(tmp_path):
         write_outputs(out, {"a": 2}, "# md2\n", {"q.png": Broken()})
     assert json.loads((out / "results.json").read_text()) == {"a": 1}  # the previous results survive
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]  # no temporary directory left behind
-    assert isinstance(TaskResult("t", {}, "").figures, dict)
+    a, b = TaskResult("t", {}, ""), TaskResult("t", {}, "")
+    a.figures["x.png"] = Broken()
+    a.notes.append("n")
+    assert b.figures == {} and b.notes == []  # each result owns its containers (no shared mutable default)
 
 
 @pytest.mark.parametrize("task", ["ppl", "needle", "attention-noise", "outliers", "lambda", "quant", "icl",
