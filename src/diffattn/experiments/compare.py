@@ -227,8 +227,12 @@ def recall_study(study: StudyConfig, out: Path, log: Callable[[str], None]) -> d
             f"({rec['train_s']:.0f}s train, {rec['eval_s']:.0f}s eval)")
 
     if n_workers == 1:
-        for item in todo:
-            store(*_recall_worker(item))
+        threads = torch.get_num_threads()  # the worker sets one thread: give this process its own back
+        try:
+            for item in todo:
+                store(*_recall_worker(item))
+        finally:
+            torch.set_num_threads(threads)
     elif todo:
         with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for v, seed, rec in pool.map(_recall_worker, todo):
