@@ -66,3 +66,23 @@ def test_single_evaluation_runs_get_a_final_loss_panel_and_layers_integer_ticks(
     figures.clear()
     report.build(results, tmp_path)  # several evaluations per run: the curves stay
     assert figures[0].axes[1].get_title() == "validation loss"
+
+
+def test_write_text_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    """The one atomic file writer (fsutil) the report, compare, the init study and the GPU check use."""
+    import os
+
+    from diffattn.fsutil import write_text_atomic
+
+    target = tmp_path / "results.json"
+    write_text_atomic(target, "old")
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        write_text_atomic(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    monkeypatch.undo()
+    assert write_text_atomic(target, "new").read_text() == "new"

@@ -1,4 +1,4 @@
-"""Atomic output directories (write into a temporary sibling, then swap it into place) and JSON reading.
+"""Atomic output files and directories (write into a temporary sibling, then swap it into place) and JSON reading.
 
 An interrupted or failing writer never leaves a half-written directory at the target: either the
 old directory (if any) or the complete new one is there.
@@ -25,6 +25,23 @@ def read_json(path: str | os.PathLike):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling (fsynced, then renamed over ``path``): a reader or
+    a killed writer never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

@@ -159,9 +159,9 @@ def environment(dry: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------ the runner
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    from ..fsutil import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _run_section(sec: Section, out: Path, scratch: Path, cap: float, log) -> dict:

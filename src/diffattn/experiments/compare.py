@@ -31,6 +31,7 @@ import torch
 
 from .. import __version__
 from ..config import ModelConfig
+from ..fsutil import write_text_atomic
 from ..model import build_model
 from .presets import SAME_HEADS, StudyConfig, variant_config
 
@@ -121,9 +122,7 @@ def train_run(study: StudyConfig, variant: str, seed: int, data_dir: Path, run_d
         raise KeyboardInterrupt  # stopped by a signal: the checkpoint is saved, `compare` resumes it
     summary.update(variant=variant, seed=seed, train_wall_s=time.time() - t0, params=trainer.n_params,
                    config=cfg.to_dict())
-    tmp = run_dir / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, done)
+    write_text_atomic(done, json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -219,9 +218,7 @@ def recall_study(study: StudyConfig, out: Path, log: Callable[[str], None]) -> d
     def store(v: str, seed: int, rec: dict) -> None:
         path = out / "recall" / v / f"seed{seed}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(rec) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(rec) + "\n")
         runs[v][str(seed)] = rec
         log(f"[compare] recall {v} seed {seed}: mean accuracy {mean_accuracy(rec):.3f} over N=1..{opts.task.max_n} "
             f"({rec['train_s']:.0f}s train, {rec['eval_s']:.0f}s eval)")
@@ -434,9 +431,7 @@ def run_compare(study: StudyConfig, out: str | os.PathLike, *, data_dir: str | N
 def _write_results(out: Path, results: dict) -> dict:
     from . import report
 
-    tmp = out / f".{RESULTS_FILE}.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, out / RESULTS_FILE)
+    write_text_atomic(out / RESULTS_FILE, json.dumps(results, indent=1, default=_json_default) + "\n")
     report.write_report(out)
     return results
 

@@ -93,6 +93,7 @@ def _mean_str(xs) -> str:
 
 
 def write_doc(results: dict[str, dict], path: Path, command: str) -> None:
+    from ..fsutil import write_text_atomic
     from .compare import environment
     from .paper import VERDICT_RULE
 
@@ -117,9 +118,7 @@ def write_doc(results: dict[str, dict], path: Path, command: str) -> None:
              "V2 rows are the base option's models, retrained, and reproduce its losses bit for bit.", "",
              VERDICT_RULE + " Single-seed margin: 0.01 nats.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(text))
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(text))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..fsutil import read_json
+from ..fsutil import read_json, write_text_atomic
 from .paper import NOT_MEASURED, PAPER, VERDICT_RULE, verdict
 from .presets import SAME_HEADS
 
@@ -666,9 +666,7 @@ def write_report(out: str | os.PathLike, fmt: str = "md") -> Path:
     blocks = build(results, out)
     target = out / ("REPORT.md" if fmt == "md" else "REPORT.html")
     text = to_markdown(blocks) if fmt == "md" else to_html(blocks, out)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    write_text_atomic(target, text)
     return target
 
 
