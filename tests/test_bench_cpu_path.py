@@ -64,12 +64,12 @@ def test_model_uses_it_and_matches_the_split_value_path(attention, monkeypatch):
     fused = build_model(cfg).double()
     split = build_model(cfg).double()
     split.load_state_dict(fused.state_dict())
-    for layer in split.layers:
-        layer.attn.diff_kernel = None  # the split-value path: two kernel calls, then A1 − λ·A2
+    # the split-value path: two kernel calls, then A1 − λ·A2 (a kernel without a fused differential entry)
+    split.set_kernel(kernels.FunctionKernel("split-value", kernels.sdpa_attention))
     calls = []
-    real = kernels.DIFFERENTIAL_KERNELS["sdpa"]
-    for layer in fused.layers:
-        layer.attn.diff_kernel = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    real = kernels.sdpa_differential
+    fused.set_kernel(kernels.FunctionKernel("spy", kernels.sdpa_attention,
+                                            lambda *a, **kw: calls.append(1) or real(*a, **kw)))
     ids = torch.randint(0, 37, (2, 13))
     out_f, out_s = fused(ids), split(ids)
     assert len(calls) == cfg.n_layer

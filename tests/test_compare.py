@@ -74,7 +74,7 @@ def test_compare_end_to_end_report_agrees_with_results(data_dir, tmp_path, capsy
     # the report's numbers are the results' numbers
     for variant in results["variants"]:
         val = results["runs"][variant]["0"]["summary"]["val_loss"]
-        label = report.LABELS[variant]
+        label = report.label(variant)
         assert re.search(rf"\| {re.escape(label)} \| {val:.4f} \|", md), variant
         params = results["models"][variant]["params"]["total"]
         assert f"| {label} | " in md and f"{params:,}" in md

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from diffattn.eval.adapter import DiffattnAdapter, HFAdapter, load
-from test_eval_utils import make_diffattn, make_difflama, make_llama, one_thread, train_tokenizer  # noqa: F401
+from test_eval_utils import make_diffattn, make_difflama, make_llama, train_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 VARIANTS = ["standard", "diff_v1", "diff_v2", "shared_diff"]
 

@@ -11,7 +11,9 @@ import pytest
 
 from diffattn.eval import datasets as D
 from diffattn.eval.tokenizer import TextTokenizer
-from test_eval_utils import ScriptedAdapter, one_thread, train_tokenizer, write_icl_jsonl  # noqa: F401
+from test_eval_utils import ScriptedAdapter, train_tokenizer, write_icl_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 WIKI = {
     "Hat": {"title": "Hat", "extract": "A hat is a head covering. It is worn for various reasons.",

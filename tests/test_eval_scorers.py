@@ -18,9 +18,10 @@ from diffattn.eval.adapter import LayerMaps
 from diffattn.eval.outliers import AbsStats
 from diffattn.eval.quant import absmax_quantize
 from diffattn.eval.tokenizer import TextTokenizer
-from test_eval_utils import (one_thread,  # noqa: F401 (autouse fixture)
-                             SENTENCES, ScriptedAdapter, needle_answers, train_tokenizer, write_docs,
+from test_eval_utils import (SENTENCES, ScriptedAdapter, needle_answers, train_tokenizer, write_docs,
                              write_grounded_jsonl, write_icl_jsonl)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

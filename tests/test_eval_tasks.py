@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from test_eval_utils import (one_thread,  # noqa: F401 (autouse fixture)
-                             cli, make_diffattn, make_difflama, make_llama, train_tokenizer, write_docs,
+from test_eval_utils import (cli, make_diffattn, make_difflama, make_llama, train_tokenizer, write_docs,
                              write_grounded_jsonl, write_icl_jsonl)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -15,14 +15,7 @@ import torch
 from diffattn.eval.adapter import ModelAdapter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and 2-core CI machines are shared): import this
-    fixture into a test module to use it there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

@@ -16,7 +16,8 @@ from diffattn.experiments import recall
 from diffattn.experiments.paper import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, VERDICT_RULE, verdict
 from diffattn.experiments.recall import FILL, PAIR, REST, RecallStudyOptions, RecallTask, make_batch
 from diffattn.model import build_model
-from test_eval_utils import one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _decode(task: RecallTask, ids: np.ndarray):

@@ -26,8 +26,9 @@ from diffattn.train.faults import NAN_ENV, PAUSE_ENV, NumericsGuard, TrainingAla
 from diffattn.train.metrics import read_metrics
 from diffattn.utils.errors import CorruptFileError
 from diffattn.utils.integrity import CHECKSUMS_NAME, verify_checksums
-from test_eval_utils import one_thread  # noqa: F401 (autouse fixture)
 from test_train import make_corpus, write_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SMALL = {"attention": "diff_v1", "d_model": 32, "n_layer": 2, "n_head": 2, "max_seq_len": 32}
 RUN = dict(max_steps=6, checkpoint_every=2, keep_checkpoints=3, eval_every=0, eval_tokens=64, log_every=1,

@@ -22,8 +22,9 @@ from diffattn.train import RECIPES, TrainConfig, Trainer, load_run_file, plan_ru
 from diffattn.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from diffattn.train.metrics import flops_per_token, read_metrics
 from diffattn.train.optim import param_groups
-from test_eval_utils import one_thread  # noqa: F401 (autouse fixture: one thread for tiny models)
 from test_loader import write_raw_shards  # the shard contract written by hand (tests/ is on sys.path)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
 

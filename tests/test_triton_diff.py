@@ -135,14 +135,14 @@ def test_explicit_mask_falls_back_to_generic_path(monkeypatch):
     """Left-padded batches carry an explicit mask: the fused entry declines and the variant's two SDPA
     calls serve it, equal to eager."""
     calls = []
-    real = kernels.DIFFERENTIAL_KERNELS["triton"]
+    real = kernels.triton_differential
 
     def spy(*a, **kw):
         out = real(*a, **kw)
         calls.append(out is None)
         return out
 
-    monkeypatch.setitem(kernels.DIFFERENTIAL_KERNELS, "triton", spy)
+    monkeypatch.setattr(kernels, "triton_differential", spy)
     torch.manual_seed(2)
     cfg = tiny_config(kernel="eager")
     eager = build_model(cfg).to(DEVICE)
@@ -161,8 +161,8 @@ def test_diff_v2_uses_the_standard_gqa_path(monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("diff_v2 must not call the differential kernel")
 
-    monkeypatch.setitem(kernels.DIFFERENTIAL_KERNELS, "triton", boom)
-    assert kernels.get_kernel("triton") is kernels.sdpa_attention
+    monkeypatch.setattr(kernels, "triton_differential", boom)
+    assert kernels.get_kernel("triton").attend_fn is kernels.sdpa_attention
     for attention in ("diff_v2", "standard"):
         torch.manual_seed(3)
         cfg = tiny_config(attention, kernel="sdpa", head_dim=None, n_head=4, n_kv_head=2)

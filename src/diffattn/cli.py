@@ -15,7 +15,7 @@ import importlib
 import sys
 
 from . import __version__
-from .utils.errors import RunError
+from .utils.errors import RunError, UsageError  # noqa: F401  (UsageError: re-exported for users)
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE}
 
@@ -33,10 +33,6 @@ SUBCOMMANDS: dict[str, str] = {
     "compare": "diffattn.experiments.cli:add_compare_parser",
     "report": "diffattn.experiments.cli:add_report_parser",
 }
-
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

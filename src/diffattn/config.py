@@ -23,9 +23,9 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-ATTENTION_VARIANTS = ("standard", "diff_v1", "diff_v2", "shared_diff")
-KERNELS = ("eager", "sdpa", "triton")  # "triton": fused DIFF V1 kernel on GPU (model/triton_diff.py)
-DIFF_V1_LIKE = ("diff_v1", "shared_diff")
+from . import variants
+
+KERNELS = ("eager", "sdpa", "triton")  # model/kernels.py KERNELS (a test ties the two); "triton": fused DIFF V1 on GPU
 SHARED_INITS = ("lora", "random")
 # Weight-initialisation schemes (model/lm.py ``DecoderLM.init_weights``; docs/results/init.md for the evidence):
 #   "gpt2":  embeddings and every nn.Linear N(0, init_std²); residual output projections (o_proj, FFN down)
@@ -33,23 +33,14 @@ SHARED_INITS = ("lora", "random")
 #   "torch": PyTorch's own defaults, as the DIFF authors' reference modules use them (methods.md §1.5):
 #            nn.Linear Kaiming-uniform(a=√5) = U(±1/√fan_in), nn.Embedding N(0, 1). ``init_std`` is unused.
 INITS = ("gpt2", "torch")
-
-# Defaults of the variant-only fields, applied when the variant uses them and they are not given.
-_V1_DEFAULTS = {
-    "lambda_init": "depth",  # λ_init(depth) = 0.8 − 0.6·exp(−0.3·depth), methods.md §1.3
-    "lambda_std": 0.1,  # λ_q1, λ_k1, λ_q2, λ_k2 ~ N(0, 0.1²)
-    "diff_norm": True,  # per-head RMSNorm over 2·head_dim (Table 6: removing it hurts)
-    "diff_norm_affine": True,  # learnable gain, as the current unilm top-level files
-    "diff_norm_gain_init": 1.0,  # starting value of that gain (the reference code: 1)
-}
-_V1_FIELDS = tuple(_V1_DEFAULTS)
-_SHARED_FIELDS = ("shared_rank", "shared_init")
+# The built-in variants (variants.py holds the registry; a registered variant is valid here too).
+ATTENTION_VARIANTS = variants.BUILTIN
 _MAX_SIZE = 1 << 24  # guards against absurd sizes (typos like 10**12) before any allocation
 
 
 def variant_fields(attention: str) -> tuple[str, ...]:
     """The variant-only ModelConfig fields that ``attention`` uses (empty for the others)."""
-    return (_V1_FIELDS if attention in DIFF_V1_LIKE else ()) + (_SHARED_FIELDS if attention == "shared_diff" else ())
+    return tuple(variants.get(attention).fields)
 
 
 def lambda_init_for_depth(depth: int) -> float:
@@ -81,6 +72,48 @@ def _check_float(name: str, value: Any, lo: float, hi: float, *, lo_open=False, 
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         _fail(name, f"must be true or false, got {value!r}")
+
+
+def _check_lambda_init(cfg, set_) -> None:
+    li = cfg.lambda_init
+    if isinstance(li, str):
+        if li != "depth":
+            _fail("lambda_init", f"must be 'depth' or a number in [0, 1), got {li!r}")
+    else:
+        _check_float("lambda_init", li, 0.0, 1.0, hi_open=True)
+        set_("lambda_init", float(li))
+
+
+def _check_norm_affine(cfg, set_) -> None:
+    _check_bool("diff_norm_affine", cfg.diff_norm_affine)
+    if cfg.diff_norm_affine and not cfg.diff_norm:
+        _fail("diff_norm_affine", "must be false when diff_norm is false (there is no norm to scale)")
+
+
+def _check_gain_init(cfg, set_) -> None:
+    _check_float("diff_norm_gain_init", cfg.diff_norm_gain_init, 0.0, 10.0, lo_open=True)
+    set_("diff_norm_gain_init", float(cfg.diff_norm_gain_init))
+    if cfg.diff_norm_gain_init != 1.0 and not cfg.diff_norm_affine:
+        _fail("diff_norm_gain_init", "applies only with diff_norm_affine=true (a learnable gain to start); "
+              f"got {cfg.diff_norm_gain_init}")
+
+
+def _check_shared_init(cfg, set_) -> None:
+    if cfg.shared_init not in SHARED_INITS:
+        _fail("shared_init", f"unknown {cfg.shared_init!r}; valid: {', '.join(SHARED_INITS)}")
+
+
+# Value checks of the variant-only fields, run (in this order) for the fields the variant uses.
+_FIELD_CHECKS = {
+    "lambda_init": _check_lambda_init,
+    "lambda_std": lambda cfg, set_: _check_float("lambda_std", cfg.lambda_std, 0.0, 10.0),
+    "diff_norm": lambda cfg, set_: _check_bool("diff_norm", cfg.diff_norm),
+    "diff_norm_affine": _check_norm_affine,
+    "diff_norm_gain_init": _check_gain_init,
+    "shared_rank": lambda cfg, set_: _check_int("shared_rank", cfg.shared_rank, 1,
+                                                min(cfg.d_model, cfg.n_head * cfg.head_dim)),
+    "shared_init": _check_shared_init,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,10 +148,11 @@ class ModelConfig:
     shared_init: str | None = None  # "lora" (B = 0: both maps start equal) or "random"
 
     # ------------------------------------------------------------------ derivation + validation
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901 (one check per field, in field order)
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        if self.attention not in ATTENTION_VARIANTS:
-            _fail("attention", f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION_VARIANTS)}")
+        if self.attention not in variants.names():
+            _fail("attention", f"unknown attention {self.attention!r}; valid: {', '.join(variants.names())}")
+        spec = variants.get(self.attention)
         if self.kernel not in KERNELS:
             _fail("kernel", f"unknown kernel {self.kernel!r}; valid: {', '.join(KERNELS)}")
         _check_int("vocab_size", self.vocab_size, 1)
@@ -140,8 +174,8 @@ class ModelConfig:
             _fail("n_kv_head", f"must divide n_head={self.n_head} (GQA groups), got {self.n_kv_head}")
 
         if self.head_dim is None:
-            split = 2 * self.n_head if self.attention in DIFF_V1_LIKE else self.n_head
-            what = "2*n_head" if self.attention in DIFF_V1_LIKE else "n_head"
+            split = spec.head_split * self.n_head
+            what = f"{spec.head_split}*n_head" if spec.head_split != 1 else "n_head"
             if self.d_model % split:
                 _fail("d_model", f"must be divisible by {what}={split} to derive head_dim "
                       f"(or give head_dim), got {self.d_model}")
@@ -154,47 +188,17 @@ class ModelConfig:
             set_("ffn_hidden", 64 * math.ceil(8 * self.d_model / 3 / 64))
         _check_int("ffn_hidden", self.ffn_hidden, 1)
 
-        diff_v1_like = self.attention in DIFF_V1_LIKE
-        for name in _V1_FIELDS:
+        for name in variants.all_fields():  # variant-only fields: None unless the variant uses them
             value = getattr(self, name)
-            if not diff_v1_like:
+            if name not in spec.fields:
                 if value is not None:
-                    _fail(name, f"applies only to attention in {DIFF_V1_LIKE}, not {self.attention!r}")
+                    users = variants.users_of(name)
+                    where = f"attention {users[0]!r}" if len(users) == 1 else f"attention in {users}"
+                    _fail(name, f"applies only to {where}, not {self.attention!r}")
             elif value is None:
-                set_(name, _V1_DEFAULTS[name])
-        if diff_v1_like:
-            li = self.lambda_init
-            if isinstance(li, str):
-                if li != "depth":
-                    _fail("lambda_init", f"must be 'depth' or a number in [0, 1), got {li!r}")
-            else:
-                _check_float("lambda_init", li, 0.0, 1.0, hi_open=True)
-                set_("lambda_init", float(li))
-            _check_float("lambda_std", self.lambda_std, 0.0, 10.0)
-            _check_bool("diff_norm", self.diff_norm)
-            _check_bool("diff_norm_affine", self.diff_norm_affine)
-            if self.diff_norm_affine and not self.diff_norm:
-                _fail("diff_norm_affine", "must be false when diff_norm is false (there is no norm to scale)")
-            _check_float("diff_norm_gain_init", self.diff_norm_gain_init, 0.0, 10.0, lo_open=True)
-            set_("diff_norm_gain_init", float(self.diff_norm_gain_init))
-            if self.diff_norm_gain_init != 1.0 and not self.diff_norm_affine:
-                _fail("diff_norm_gain_init", "applies only with diff_norm_affine=true (a learnable gain to start); "
-                      f"got {self.diff_norm_gain_init}")
-
-        if self.attention != "shared_diff":
-            for name in _SHARED_FIELDS:
-                if getattr(self, name) is not None:
-                    _fail(name, f"applies only to attention 'shared_diff', not {self.attention!r}")
-        else:
-            if self.shared_rank is None:
-                # well below the break-even rank D·Hd / (2(D + Hd)) at which Shared DIFF saves nothing
-                hd = self.n_head * self.head_dim
-                set_("shared_rank", max(1, min(16, self.d_model * hd // (4 * (self.d_model + hd)))))
-            _check_int("shared_rank", self.shared_rank, 1, min(self.d_model, self.n_head * self.head_dim))
-            if self.shared_init is None:
-                set_("shared_init", "lora")
-            if self.shared_init not in SHARED_INITS:
-                _fail("shared_init", f"unknown {self.shared_init!r}; valid: {', '.join(SHARED_INITS)}")
+                set_(name, spec.default(name, self))
+        for name in spec.fields:
+            _FIELD_CHECKS.get(name, lambda cfg, set_: None)(self, set_)
 
     # ------------------------------------------------------------------ derived quantities
     @property

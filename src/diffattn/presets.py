@@ -20,13 +20,11 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Any
 
-from .config import ATTENTION_VARIANTS, ModelConfig
+from . import variants
+from .config import ModelConfig
 
-# Per-variant head count in "baseline head" units.
-_HEADS_PER_BASELINE = {"standard": Fraction(1), "diff_v1": Fraction(1, 2), "shared_diff": Fraction(1, 2),
-                       "diff_v2": Fraction(2, 3)}
-_VARIANT_FIELDS = ("lambda_init", "lambda_std", "diff_norm", "diff_norm_affine", "diff_norm_gain_init", "shared_rank",
-                   "shared_init")
+# The matching rule of each variant is its registry row (variants.py): ``baseline_heads`` (its head count in
+# "baseline head" units) and ``keep_kv_heads``.
 
 # name -> baseline Transformer shape. Paper sizes: methods.md §1.8 (App. D Table 9, App. E Table 10);
 # there the DIFF head count is half the listed ``n_head``.
@@ -49,9 +47,10 @@ SIZES: dict[str, dict[str, Any]] = {
 
 def _baseline_heads(config: ModelConfig) -> tuple[Fraction, Fraction]:
     """(heads, kv_heads) of the standard Transformer that ``config`` is matched to."""
-    per = _HEADS_PER_BASELINE[config.attention]
+    spec = variants.get(config.attention)
+    per = spec.baseline_heads
     heads = Fraction(config.n_head) / per
-    if config.attention == "diff_v2":  # V2 keeps the baseline's K/V heads (MHA baselines: see module doc)
+    if spec.keep_kv_heads:  # V2 keeps the baseline's K/V heads (MHA baselines: see module doc)
         kv = heads if config.n_kv_head == config.n_head else Fraction(config.n_kv_head)
     else:
         kv = Fraction(config.n_kv_head) / per
@@ -66,12 +65,11 @@ def matched(config: ModelConfig, variant: str, **variant_options: Any) -> ModelC
     Raises ValueError when the head counts do not divide (e.g. diff_v2 needs a baseline whose head
     count is a multiple of 3).
     """
-    if variant not in ATTENTION_VARIANTS:
-        raise ValueError(f"unknown attention {variant!r}; valid: {', '.join(ATTENTION_VARIANTS)}")
+    spec = variants.get(variant)
     heads, kv = _baseline_heads(config)
-    per = _HEADS_PER_BASELINE[variant]
+    per = spec.baseline_heads
     n_head = heads * per
-    if variant == "diff_v2":
+    if spec.keep_kv_heads:
         n_kv = n_head if kv == heads else kv
     else:
         n_kv = kv * per
@@ -82,7 +80,7 @@ def matched(config: ModelConfig, variant: str, **variant_options: Any) -> ModelC
     if int(n_head) % int(n_kv):
         raise ValueError(f"presets.matched: {variant} would need n_kv_head={n_kv} dividing n_head={n_head}")
     data = config.to_dict()
-    for name in _VARIANT_FIELDS:
+    for name in variants.all_fields():
         data[name] = None
     data.update(attention=variant, n_head=int(n_head), n_kv_head=int(n_kv), **variant_options)
     return ModelConfig.from_dict(data)
@@ -93,7 +91,7 @@ def get(name: str, attention: str = "standard", **overrides: Any) -> ModelConfig
     (e.g. ``vocab_size``, ``max_seq_len``, ``kernel``) or, for variant-only fields, to the variant."""
     if name not in SIZES:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(SIZES)}")
-    variant_opts = {k: overrides.pop(k) for k in list(overrides) if k in _VARIANT_FIELDS}
+    variant_opts = {k: overrides.pop(k) for k in list(overrides) if k in variants.all_fields()}
     base = ModelConfig.from_dict({**SIZES[name], **overrides, "attention": "standard"})
     if base.attention == attention and not variant_opts:
         return base

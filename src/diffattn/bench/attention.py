@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..model.attention import build_attention
-from ..model.kernels import get_differential_kernel, get_kernel
+from .. import variants
+from ..model.kernels import get_kernel
 from ..model.layers import Rotary
 from . import common
 from .references import authors_split_value, diffllama_config, use_authors_core
@@ -61,7 +62,7 @@ def build_rows(args, shape: common.Shape) -> dict[str, dict]:
         cfgs[variant] = cfg
         attn = build_attention(cfg, layer_idx=1)
         rope = Rotary(positions, cfg.head_dim, cfg.rope_theta, dt)
-        kern = args.kernel if variant in ("diff_v1", "shared_diff") else "sdpa"
+        kern = args.kernel if variants.fused_differential(variant) else "sdpa"  # fused kernels serve DIFF V1-like
         add_layer(f"{variant} [{kern}]", variant, f"diffattn {kern}", attn,
                   (lambda a=attn, r=rope: a(x, r)[0]), matched)
     v1 = cfgs.get("diff_v1") or common.variant_config(shape, "diff_v1", args.kernel)[0]
@@ -93,16 +94,11 @@ def build_rows(args, shape: common.Shape) -> dict[str, dict]:
     v = rand(b, kv, t, 2 * d).requires_grad_()
     lam = torch.tensor(0.3, device=dev, requires_grad=True)
     leaves = [q1, q2, k1, k2, v, lam]
-    fused = get_differential_kernel(args.kernel)
+    def diff_core():  # what a DIFF V1 layer calls: the fused entry where the kernel has one, else two calls
+        return kernel.attend_differential(q1, q2, k1, k2, v, lam, scale=scale)[0]
 
-    def diff_core(fused=fused):
-        out = fused(q1, q2, k1, k2, v, lam, scale=scale) if fused is not None else None
-        if out is None:  # the variant's generic path: two kernel calls, then A1 − λ·A2
-            out = kernel(q1, k1, v, scale=scale)[0] - lam.to(dt) * kernel(q2, k2, v, scale=scale)[0]
-        return out
-
-    if "diff_v1" in args.variant_list or "shared_diff" in args.variant_list:
-        impl = "fused differential entry" if fused is not None else "two kernel calls"
+    if any(variants.fused_differential(name) for name in args.variant_list):
+        impl = "fused differential entry" if kernel.fuses_differential else "two kernel calls"
         rows[f"diff_v1 core [{args.kernel}]"] = dict(scope="core", variant="diff_v1", impl=impl, matched="parameters",
                                                       fwd=_fwd(diff_core), fwd_bwd=_fwd_bwd(diff_core, leaves))
     if args.references:

@@ -20,19 +20,18 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import sys
-import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .. import presets
-from ..cli import UsageError
-from ..config import ATTENTION_VARIANTS, ModelConfig
+from ..fsutil import write_text_atomic
+from ..utils.errors import UsageError
+from ..utils.timing import Timing, round_robin, sync  # noqa: F401 (re-exported for the benchmarks)
+from .. import variants
+from ..config import ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REFERENCE_ROWS = ("authors_split_value", "diffllama")  # extra rows, beside our variants
@@ -59,11 +58,11 @@ def check_args(args) -> None:
         raise UsageError("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
     if args.kernel == "triton" and args.device != "cuda":
         raise UsageError("--kernel triton runs on a GPU; use --device cuda (on CPU use sdpa or eager)")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in ATTENTION_VARIANTS]
-    if bad or not variants:
-        raise UsageError(f"--variants: unknown variant {bad[0] if bad else '(none)'!r}; valid: {', '.join(ATTENTION_VARIANTS)}")
-    args.variant_list = list(dict.fromkeys(["standard", *variants]))  # the baseline always runs, first
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in chosen if v not in variants.names()]
+    if bad or not chosen:
+        raise UsageError(f"--variants: unknown variant {bad[0] if bad else '(none)'!r}; valid: {', '.join(variants.names())}")
+    args.variant_list = list(dict.fromkeys(["standard", *chosen]))  # the baseline always runs, first
     for name in ("batch", "d_model", "n_head", "n_layer", "vocab_size", "warmup", "repeats", "new_tokens"):
         values = getattr(args, name, None)
         lo = 0 if name == "warmup" else 1
@@ -125,42 +124,7 @@ def variant_config(shape: Shape, variant: str, kernel: str) -> tuple[ModelConfig
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-@dataclass
-class Timing:
-    times: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        ts = sorted(self.times)
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        return dict(median_s=statistics.median(ts), min_s=ts[0], max_s=ts[-1], q1_s=q[0], q3_s=q[2],
-                    repeats=len(ts), times_s=[round(t, 6) for t in self.times])
-
-
-def round_robin(rows: dict[str, Callable[[], None]], *, warmup: int, repeats: int, device: str,
-                progress: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """Time each callable: ``warmup`` untimed calls each, then ``repeats`` rounds over all rows."""
-    if progress:
-        progress(f"warm-up ({warmup} per row, {len(rows)} rows)")
-    for name, fn in rows.items():
-        for _ in range(warmup):
-            fn()
-        sync(device)
-    timings = {name: Timing() for name in rows}
-    for r in range(repeats):
-        if progress:
-            progress(f"repeat {r + 1}/{repeats}")
-        for name, fn in rows.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            timings[name].times.append(time.perf_counter() - t0)
-    return {name: t.summary() for name, t in timings.items()}
+# sync, Timing, round_robin: utils/timing.py (experiments/compare.py times with them too)
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -210,15 +174,7 @@ def write_json(path: str | None, payload: dict) -> None:
         raise UsageError(f"--json {path}: is a directory")
     if not target.parent.exists():
         raise UsageError(f"--json {path}: directory {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(target, json.dumps(payload, indent=1) + "\n")
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:

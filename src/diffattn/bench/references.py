@@ -5,8 +5,8 @@
   halves and each map is computed by two stock flash calls, ``[attn(Q1,K1,V1) | attn(Q1,K1,V2)]``
   and ``[attn(Q2,K2,V1) | attn(Q2,K2,V2)]``, then ``A1 − λ·A2``: the attention core is computed twice
   (2× the FLOPs of the parameter-matched baseline). Stock flash-attn is replaced by SDPA (its flash
-  back end on GPU). It has the signature of a fused differential entry (kernels.py), so plugging it
-  into a ``DiffV1Attention`` (``attn.diff_kernel = authors_split_value``) gives the authors' layer
+  back end on GPU). :data:`AUTHORS_KERNEL` is a kernel object whose differential entry it is, so a
+  ``DiffV1Attention`` given that kernel (``attn.set_kernel(AUTHORS_KERNEL)``) is the authors' layer
   with everything else identical.
 * :func:`diffllama_config` — transformers' ``DiffLlamaConfig`` with the same widths as a diffattn
   DIFF V1 config (``num_attention_heads`` = 2 × DIFF heads, as DiffLlama counts them), SDPA back end.
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..model.kernels import FunctionKernel, sdpa_attention
 
 
 def authors_split_value(q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale):
@@ -36,6 +37,9 @@ def authors_split_value(q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, sc
     return a1 - lam.to(a1.dtype) * a2
 
 
+AUTHORS_KERNEL = FunctionKernel("authors-split-value", sdpa_attention, authors_split_value)
+
+
 def use_authors_core(model_or_layer: torch.nn.Module) -> torch.nn.Module:
     """Give every DIFF V1 attention layer inside ``model_or_layer`` the authors' split-value core."""
     from ..model.attention import DiffV1Attention
@@ -43,7 +47,7 @@ def use_authors_core(model_or_layer: torch.nn.Module) -> torch.nn.Module:
     n = 0
     for m in model_or_layer.modules():
         if isinstance(m, DiffV1Attention):
-            m.diff_kernel = authors_split_value
+            m.set_kernel(AUTHORS_KERNEL)
             n += 1
     if not n:
         raise ValueError("no DIFF V1 attention layer to patch")

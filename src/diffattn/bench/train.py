@@ -25,7 +25,9 @@ from argparse import Namespace
 import torch
 import torch.nn.functional as F
 
+from .. import variants
 from ..model import build_model
+from ..model.attention import attention_class
 from . import common
 from .references import diffllama_config, use_authors_core
 
@@ -36,7 +38,7 @@ PEAK_TFLOPS_HALF = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, 
 def row_specs(args) -> dict[str, dict]:
     rows = {}
     for variant in args.variant_list:
-        kern = args.kernel if variant in ("diff_v1", "shared_diff") else "sdpa"
+        kern = args.kernel if variants.fused_differential(variant) else "sdpa"  # fused kernels serve DIFF V1-like
         rows[f"{variant} [{kern}]"] = dict(variant=variant, impl=f"diffattn {kern}", kernel=args.kernel)
     if args.references:
         rows["diff_v1 [authors split-value]"] = dict(variant="diff_v1", impl="authors flashdiff_2 core", kernel="sdpa",
@@ -82,9 +84,7 @@ def build_row(args, shape: common.Shape, spec: dict):
 def model_flops(model: torch.nn.Module, cfg, shape: common.Shape) -> float:
     """Model FLOPs of one training step (see the module docstring)."""
     n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    h, d = cfg.n_head, cfg.head_dim
-    w_qk, w_v = {"standard": (h * d, h * d), "diff_v1": (2 * h * d, 4 * h * d), "shared_diff": (2 * h * d, 4 * h * d),
-                 "diff_v2": (2 * h * d, 2 * h * d)}[cfg.attention]
+    w_qk, w_v = attention_class(cfg.attention).attention_widths(cfg)
     b, t = shape.batch, shape.seq_len
     return 6.0 * n_matmul * b * t + 3.0 * cfg.n_layer * b * t * (t + 1) * (w_qk + w_v)
 

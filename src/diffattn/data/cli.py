@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
+    from ..utils.errors import UsageError
     from .prepare import PrepareOptions, prepare
 
     corpus = args.corpus or ["default"]

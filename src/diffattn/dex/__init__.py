@@ -19,6 +19,23 @@ from .surgery import (SUPPORTED_MODEL_TYPES, DEXOptions, DEXOutputProjection, Lo
                       merge_adapters, remove_adapters, set_dex_step)
 from .train import TrainSettings, evaluate, train_adapter
 
+
+def _register_with_eval() -> None:
+    """``diffattn eval --model smollm2`` and ``--adapter DIR``: DEX registers its bases and adapter loader
+    with the evaluation interface (eval never imports dex)."""
+    import sys
+
+    from ..eval import adapter as eval_adapter
+    from .adapter import apply_to_eval_adapter
+    from .bases import resolve_base_path
+
+    for name in KNOWN_BASES:
+        eval_adapter.register_base_source(name, lambda n: resolve_base_path(n, log=lambda m: print(m, file=sys.stderr))[0])
+    eval_adapter.register_adapter_loader(apply_to_eval_adapter)
+
+
+_register_with_eval()
+
 __all__ = ["KNOWN_BASES", "SUPPORTED_MODEL_TYPES", "BaseModelError", "DEXOptions", "DEXOutputProjection",
            "LoRAOutputProjection", "TrainSettings", "UnsupportedModelError", "adapter_modules", "apply_dex",
            "attention_entropy", "attention_sites", "base_fingerprint", "choose_heads", "configure_trainable",

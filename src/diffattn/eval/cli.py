@@ -85,6 +85,8 @@ def run(task: str, args: argparse.Namespace) -> int:
     cls, fn = TASKS[task]
     config = read_toml(args.config) if args.config else None
     options = options_from_args(cls, args, config)  # static checks before the model is loaded
+    if args.adapter or not Path(args.model).exists():  # DEX registers its known bases and its adapter loader
+        import diffattn.dex  # noqa: F401
     adapter, tokenizer = load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                               trust_remote_code=args.trust_remote_code, dex_adapter=args.adapter)
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{adapter.name}-{task}"

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from ..fsutil import replace_dir
-from ..cli import UsageError
+from ..utils import stats as _stats
+from ..utils.errors import UsageError
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -236,17 +237,13 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------- numbers
 
 def mean(xs: Sequence[float]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return float(sum(xs) / len(xs)) if xs else None
+    """Mean of the values that are not None (utils/stats.py)."""
+    return _stats.mean(xs)
 
 
 def std(xs: Sequence[float]) -> float | None:
-    """Population standard deviation (ddof=0); None for an empty list."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None
-    m = sum(xs) / len(xs)
-    return float(math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)))
+    """Population standard deviation (ddof=0) of one run's per-sample scores; None for an empty list."""
+    return _stats.population_std(xs)
 
 
 def rounded(value: Any, digits: int = 6) -> Any:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import UsageError
+from ..utils.errors import UsageError
 
 # Debian bookworm wordnet-base, pinned when this was written (apt-get download; data.md §4)
 WORDNET_DEB = {"name": "wordnet-base", "version": "1:3.0-37", "file": "wordnet-base_1%3a3.0-37_all.deb",

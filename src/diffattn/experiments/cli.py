@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .presets import VARIANTS
+from .. import variants
+from .presets import SAME_HEADS
 
 
 def _override(item: str) -> tuple[str, object]:
@@ -51,7 +52,7 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
                        description="A parameter-matched comparison study of the differential-attention family "
                                    "(configs/compare-*.toml). Re-running with the same --out resumes.")
     p.add_argument("--preset", default="cpu-tiny", help="preset name (configs/compare-NAME.toml) or a .toml file")
-    p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(variants.names() + (SAME_HEADS,))}")
     p.add_argument("--seeds", type=int, help="number of seeds (overrides the preset)")
     p.add_argument("--data", help="a ready token-shard directory (skips `data prepare`)")
     p.add_argument("--out", help="output directory (default: runs/compare-PRESET)")

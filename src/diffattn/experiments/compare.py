@@ -243,7 +243,7 @@ def recall_study(study: StudyConfig, out: Path, log: Callable[[str], None]) -> d
 def measure_cost(study: StudyConfig, vocab_size: int, seq_len: int, micro_batch: int, repeats: int,
                  log: Callable[[str], None]) -> dict[str, dict]:
     """Training-step time (round-robin, same process, same shapes) and peak memory per variant."""
-    from ..bench.common import round_robin
+    from ..utils.timing import round_robin
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else None

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from ..utils import stats
+
 # (claim id) -> what the paper reports, the direction it implies, and the source
 PAPER = {
     "val_loss": dict(
@@ -42,6 +44,24 @@ PAPER = {
         better=None, source="methods.md §1.3"),
 }
 
+# The paper's tables the report prints next to its own, as printed (strings keep the paper's digits).
+PAPER_TABLES = {
+    # multi-needle accuracy at 4K, N/R -> (Transformer, DIFF), 3B models (methods.md §1.9 Table 2)
+    "needle": {"1/1": ("1.00", "1.00"), "2/2": ("0.85", "0.92"), "4/2": ("0.62", "0.84"), "6/2": ("0.55", "0.85")},
+    # attention allocation by depth (0, 25, 50, 75, 100 %): rows (model, what, shares...) (methods.md §1.9 Table 3)
+    "attention_noise": (
+        ("paper, Transformer", "answer", "0.03", "0.03", "0.03", "0.07", "0.09"),
+        ("paper, DIFF", "answer", "0.27", "0.30", "0.31", "0.32", "0.40"),
+        ("paper, Transformer", "noise", "0.51", "0.54", "0.52", "0.49", "0.49"),
+        ("paper, DIFF", "noise", "0.01", "0.02", "0.02", "0.02", "0.01")),
+    # largest activations: top-1, 2, 3, 10, 100 and the median (methods.md §1.9 Table 5)
+    "outliers": (
+        ("attention logits", "paper, Transformer", "318.0", "308.2", "304.9", "284.7", "251.5", "5.4"),
+        ("attention logits", "paper, DIFF", "38.8", "38.8", "37.3", "32.0", "27.4", "3.3"),
+        ("hidden states", "paper, Transformer", "3608.6", "3607.4", "3603.6", "3552.1", "2448.2", "0.6"),
+        ("hidden states", "paper, DIFF", "1688.2", "1672.5", "1672.1", "1624.3", "740.9", "1.2")),
+}
+
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
 INCONCLUSIVE = "inconclusive"
@@ -67,14 +87,11 @@ class Verdict:
 
 
 def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs)
+    return stats.mean(xs)
 
 
 def _std(xs: Sequence[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = _mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return stats.sample_std(xs) or 0.0
 
 
 def _finite(x) -> bool:

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import presets as model_presets
-from ..config import ATTENTION_VARIANTS, ModelConfig, variant_fields
+from .. import variants as variant_registry
+from ..config import ModelConfig, variant_fields
 
 # the repository's configs/ (editable installs, the README's setup), else ./configs
 _REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 CONFIG_DIR = _REPO_CONFIGS if _REPO_CONFIGS.is_dir() else Path("configs")
 SAME_HEADS = "standard_same_heads"  # the V2 authors' second baseline: a Transformer with V2's head count
-VARIANTS = ATTENTION_VARIANTS + (SAME_HEADS,)
 TASKS = ("ppl", "needle", "attention-noise", "outliers", "lambda", "quant", "icl", "hallucination", "recall")
 _TABLES = ("study", "data", "model", "train", "needle_mix", "eval", "recall")
 
@@ -76,9 +76,10 @@ def parse_study(data: dict[str, Any], *, name: str, source: str | None = None) -
     variants = study.pop("variants", ["standard", "diff_v1", "diff_v2", "shared_diff"])
     if isinstance(variants, str):
         variants = [v.strip() for v in variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
+    valid = variant_registry.names() + (SAME_HEADS,)
+    bad = [v for v in variants if v not in valid]
     if bad or not variants:
-        _fail(where, f"[study] variants: unknown {bad or 'empty list'}; valid: {', '.join(VARIANTS)}")
+        _fail(where, f"[study] variants: unknown {bad or 'empty list'}; valid: {', '.join(valid)}")
     if study.pop("v2_same_heads_baseline", True) and "diff_v2" in variants and SAME_HEADS not in variants:
         variants = list(variants) + [SAME_HEADS]
     if "standard" not in variants:
@@ -95,7 +96,7 @@ def parse_study(data: dict[str, Any], *, name: str, source: str | None = None) -
     if bad:
         _fail(where, f"[study] tasks: unknown {bad}; valid: {', '.join(TASKS)}")
     variant_options = study.pop("variant_options", {})
-    known = set(variant_fields("diff_v1")) | set(variant_fields("shared_diff"))
+    known = set(variant_registry.all_fields())
     if not isinstance(variant_options, dict) or set(variant_options) - known:
         bad = sorted(set(variant_options) - known) if isinstance(variant_options, dict) else variant_options
         _fail(where, f"[study] variant_options: unknown {bad!r}; valid: {', '.join(sorted(known))}")

@@ -8,66 +8,31 @@ inconclusive (the difference is within the seed spread).
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import variants
 from ..fsutil import read_json, write_text_atomic
-from .paper import NOT_MEASURED, PAPER, VERDICT_RULE, verdict
+from .render import Block, _fmt, _inline_md, _mean, _pm, to_html, to_markdown  # noqa: F401 (_inline_md: tests)
+from .paper import NOT_MEASURED, PAPER, PAPER_TABLES, VERDICT_RULE, verdict
 from .presets import SAME_HEADS
 
-DIFF_VARIANTS = ("diff_v1", "diff_v2", "shared_diff")
-LABELS = {"standard": "Transformer (baseline)", "diff_v1": "DIFF V1", "diff_v2": "DIFF V2",
-          "shared_diff": "Shared DIFF", SAME_HEADS: "Transformer, V2's heads"}
+SAME_HEADS_LABEL = "Transformer, V2's heads"
+
+
+def label(v: str) -> str:
+    """The name the report prints for variant ``v`` (its registry row's label; variants.py)."""
+    return SAME_HEADS_LABEL if v == SAME_HEADS else variants.label(v)
+
+
+def _is_diff(v: str) -> bool:
+    """A differential variant (the registry's ``differential`` flag; variants.py)."""
+    return v in variants.names() and variants.get(v).differential
+
+
 PARAM_MATCH_TOLERANCE = 0.005  # V1 vs its baseline: relative difference in parameters
-
-
-@dataclass
-class Block:
-    kind: str  # "h1" | "h2" | "p" | "table" | "image" | "list"
-    text: str = ""
-    header: Sequence[str] = ()
-    rows: Sequence[Sequence[Any]] = ()
-    items: Sequence[str] = ()
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "—"
-        if abs(x) >= 1000:
-            return f"{x:,.0f}"
-        return f"{x:.{digits}f}"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return str(x)
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return sum(xs) / len(xs) if xs else None
-
-
-def _std(xs):
-    xs = [x for x in xs if x is not None]
-    if len(xs) < 2:
-        return None
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def _pm(xs, digits=3) -> str:
-    m, s = _mean(xs), _std(xs)
-    if m is None:
-        return "—"
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
 
 
 class Study:
@@ -108,7 +73,7 @@ class Study:
         return vals
 
     def label(self, v: str) -> str:
-        return LABELS.get(v, v)
+        return label(v)
 
 
 def _verdict_cells(study: Study, variant: str, values_fn, better: str, min_effect: float, baselines=None):
@@ -232,7 +197,7 @@ def section_loss(study: Study, out: Path, summary: list) -> list[Block]:
         vals = study.final_val(v)
         dv = (_mean(vals) - _mean(base)) if vals and base else None
         cell = _verdict_cells(study, v, study.final_val, "lower", 0.01, _baselines_for(v, study)) \
-            if v in DIFF_VARIANTS else ""
+            if _is_diff(v) else ""
         if cell:
             summary.append([study.label(v), "lower validation loss", _pm(vals, 4) + " vs " + _pm(base, 4), cell])
         rows.append([study.label(v), _pm(vals, 4), _fmt(dv, 4) if v != "standard" else "", cell])
@@ -263,13 +228,13 @@ def section_needle(study: Study, out: Path, summary: list) -> list[Block]:
         return out_vals
 
     rows = [[study.label(v)] + [_pm(acc(v, nr), 2) for nr in nr_list] for v in study.variants]
-    paper = {"1/1": ("1.00", "1.00"), "2/2": ("0.85", "0.92"), "4/2": ("0.62", "0.84"), "6/2": ("0.55", "0.85")}
+    paper = PAPER_TABLES["needle"]
     rows.append(["paper, Transformer (3B, 4K)"] + [paper.get(nr, ("—", "—"))[0] for nr in nr_list])
     rows.append(["paper, DIFF (3B, 4K)"] + [paper.get(nr, ("—", "—"))[1] for nr in nr_list])
     hardest = max(nr_list, key=lambda s: tuple(int(x) for x in s.split("/")))
     verdict_rows = [[study.label(v), hardest, _verdict_cells(study, v, lambda x, paired=False, nr=hardest: acc(x, nr, paired), "higher",
                                                              0.1, _baselines_for(v, study))]
-                    for v in study.variants if v in DIFF_VARIANTS]
+                    for v in study.variants if _is_diff(v)]
     for row in verdict_rows:
         v = next(x for x in study.variants if study.label(x) == row[0])
         summary.append([row[0], f"higher needle accuracy (N/R {hardest})",
@@ -327,13 +292,10 @@ def section_attention(study: Study, out: Path, summary: list) -> list[Block]:
     for v in study.variants:
         rows.append([study.label(v), "answer"] + [_pm(share(v, "answer", d), 3) for d in depths])
         rows.append([study.label(v), "noise"] + [_pm(share(v, "noise", d), 3) for d in depths])
-    rows += [["paper, Transformer", "answer", "0.03", "0.03", "0.03", "0.07", "0.09"][:2 + len(depths)],
-             ["paper, DIFF", "answer", "0.27", "0.30", "0.31", "0.32", "0.40"][:2 + len(depths)],
-             ["paper, Transformer", "noise", "0.51", "0.54", "0.52", "0.49", "0.49"][:2 + len(depths)],
-             ["paper, DIFF", "noise", "0.01", "0.02", "0.02", "0.02", "0.01"][:2 + len(depths)]]
+    rows += [list(row)[:2 + len(depths)] for row in PAPER_TABLES["attention_noise"]]
     verdict_rows = []
     for v in study.variants:
-        if v in DIFF_VARIANTS:
+        if _is_diff(v):
             verdict_rows.append([study.label(v),
                                  _verdict_cells(study, v, lambda x, paired=False: share(x, "answer", paired=paired), "higher", 0.02,
                                                 _baselines_for(v, study)),
@@ -376,13 +338,10 @@ def section_outliers(study: Study, summary: list) -> list[Block]:
         for v in study.variants:
             rows.append([label, study.label(v)] + [_fmt(_mean(study.eval_values(v, "outliers", [what, k])), 2)
                                                    for k in keys])
-    rows += [["attention logits", "paper, Transformer", "318.0", "308.2", "304.9", "284.7", "251.5", "5.4"],
-             ["attention logits", "paper, DIFF", "38.8", "38.8", "37.3", "32.0", "27.4", "3.3"],
-             ["hidden states", "paper, Transformer", "3608.6", "3607.4", "3603.6", "3552.1", "2448.2", "0.6"],
-             ["hidden states", "paper, DIFF", "1688.2", "1672.5", "1672.1", "1624.3", "740.9", "1.2"]]
+    rows += [list(row) for row in PAPER_TABLES["outliers"]]
     verdict_rows = []
     for v in study.variants:
-        if v in DIFF_VARIANTS:
+        if _is_diff(v):
             rel = lambda what: (lambda x, paired=False: [  # noqa: E731
                 math.log(val) if val and val > 0 else None
                 for val in study.eval_values(x, "outliers", [what, "top1"], paired=paired)])
@@ -493,7 +452,7 @@ def section_recall(study: Study, out: Path, summary: list) -> list[Block]:
     base = "standard"
     verdict_rows = []
     for v in shown:
-        if v not in DIFF_VARIANTS:
+        if not _is_diff(v):
             continue
         cells = []
         for fn, better, margin in ((mean_acc, "higher", 0.05), (hard_acc, "higher", 0.05),
@@ -558,7 +517,7 @@ def section_cost(study: Study, summary: list) -> list[Block]:
     rows = []
     for v in study.variants:
         c = cost["variants"][v]
-        if v in DIFF_VARIANTS:
+        if _is_diff(v):
             summary.append([study.label(v), "training throughput (paper V1: 0.88-0.91×)",
                             f"{c['throughput_ratio']:.2f}× baseline", "measured (one machine, one run)"])
         mem = c.get("peak_memory_bytes")
@@ -595,62 +554,6 @@ def build(results: dict, out: Path) -> list[Block]:
     return blocks
 
 
-# ---------------------------------------------------------------------------------------- renderers
-def to_markdown(blocks: list[Block]) -> str:
-    lines: list[str] = []
-    for b in blocks:
-        if b.kind == "h1":
-            lines += [f"# {b.text}", ""]
-        elif b.kind == "h2":
-            lines += [f"## {b.text}", ""]
-        elif b.kind == "p":
-            lines += [b.text, ""]
-        elif b.kind == "list":
-            lines += [f"- {item}" for item in b.items] + [""]
-        elif b.kind == "table":
-            lines.append("| " + " | ".join(map(str, b.header)) + " |")
-            lines.append("|" + "|".join("---" for _ in b.header) + "|")
-            lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in b.rows]
-            lines.append("")
-        elif b.kind == "image":
-            lines += [f"![{b.text}]({b.text})", ""]
-    return "\n".join(lines)
-
-
-def _inline_md(text: str) -> str:
-    """The little Markdown the blocks use: **bold**, *emphasis* and `code`."""
-    import re
-
-    text = html.escape(text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-    text = re.sub(r"(?<![\w*])\*(?![\s*])(.+?)(?<![\s*])\*(?![\w*])", r"<em>\1</em>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-
-def to_html(blocks: list[Block], out: Path) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>diffattn compare report</title><style>",
-             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
-             "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px}",
-             "th{background:#f3f3f3}img{max-width:100%}code{background:#f5f5f5;padding:0 3px}",
-             "</style></head><body>"]
-    for b in blocks:
-        if b.kind in ("h1", "h2"):
-            parts.append(f"<{b.kind}>{_inline_md(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            parts.append(f"<p>{_inline_md(b.text)}</p>")
-        elif b.kind == "list":
-            parts.append("<ul>" + "".join(f"<li>{_inline_md(i)}</li>" for i in b.items) + "</ul>")
-        elif b.kind == "table":
-            head = "".join(f"<th>{_inline_md(str(h))}</th>" for h in b.header)
-            body = "".join("<tr>" + "".join(f"<td>{_inline_md(_fmt(c))}</td>" for c in row) + "</tr>" for row in b.rows)
-            parts.append(f"<table><tr>{head}</tr>{body}</table>")
-        elif b.kind == "image":
-            data = base64.b64encode((out / b.text).read_bytes()).decode()
-            parts.append(f"<p><img alt='{html.escape(b.text)}' src='data:image/png;base64,{data}'></p>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
 def write_report(out: str | os.PathLike, fmt: str = "md") -> Path:
     """(Re)generate the report of a compare output directory from its results.json."""
     out = Path(out)
@@ -673,7 +576,7 @@ def write_report(out: str | os.PathLike, fmt: str = "md") -> Path:
 def summary_table(out: str | os.PathLike) -> str:
     """The headline per variant as plain text (what `make demo` prints): parameters, validation loss and,
     when the study ran the recall task, recall accuracy (mean over N; mean ± std over its seeds)."""
-    results = json.loads((Path(out) / "results.json").read_text())
+    results = read_json(Path(out) / "results.json")
     study = Study(results)
     rec = results.get("recall")
     rows = [f"{'variant':26s} {'params':>12s} {'val loss':>18s}" + (f" {'recall acc (mean over N)':>26s}" if rec else "")]

@@ -1,9 +1,9 @@
 """Model math: layers, kernels, attention variants, the decoder LM, its cache and decoding."""
 
-from .attention import ATTENTION_CLASSES, AttentionMaps, build_attention
+from .attention import AttentionBase, AttentionMaps, attention_class, build_attention
 from .cache import CacheError, KVCache
-from .kernels import KERNELS, get_kernel
+from .kernels import KERNELS, AttentionKernel, get_kernel
 from .lm import Block, DecoderLM, build_model
 
-__all__ = ["ATTENTION_CLASSES", "AttentionMaps", "Block", "CacheError", "DecoderLM", "KERNELS", "KVCache",
+__all__ = ["AttentionBase", "AttentionKernel", "AttentionMaps", "attention_class", "Block", "CacheError", "DecoderLM", "KERNELS", "KVCache",
            "build_attention", "build_model", "get_kernel"]

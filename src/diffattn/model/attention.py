@@ -1,12 +1,17 @@
-"""Attention variants: the algebra of each paper, on top of a kernel (see kernels.py).
+"""Attention variants: the algebra of each paper, on top of a kernel object (see kernels.py).
 
 Every variant has the constructor ``(config, layer_idx)`` and the forward contract
 
     forward(x (B, T, D), rope, *, mask, is_causal, cache, need_weights) -> (out (B, T, D), maps)
 
-``maps`` is ``None`` unless ``need_weights`` (eager kernel only); then it is an ``AttentionMaps``
-holding the effective map each output head applies to its values (for DIFF: A1 − λ·A2) and the
-component softmax maps. λ, the subtraction and the per-head norm are written once per variant.
+``maps`` is ``None`` unless ``need_weights`` (a kernel with ``returns_maps``: eager); then it is an
+``AttentionMaps`` holding the effective map each output head applies to its values (for DIFF: A1 − λ·A2)
+and the component softmax maps. λ, the subtraction and the per-head norm are written once per variant.
+
+A variant class also carries what the pipeline outside the model asks of it (``AttentionBase``):
+its parameter initialisation (``reset_variant_parameters``), parameter buckets for ``param_counts``,
+attention FLOPs (``attention_widths``), which query heads are which component map (``head_components``)
+and its λ report (``lambda_report`` / ``lambda_per_token``). Its registry row is in ``diffattn/variants.py``.
 
 Sources (docs/methods.md; section numbers § refer to the project's methods spec): standard and DIFF V1 §1 (arXiv 2410.05258), DIFF V2 §2
 (Microsoft blog 2026-01), Shared DIFF §3 (arXiv 2501.17900; method text unavailable, our reading).
@@ -14,6 +19,7 @@ Sources (docs/methods.md; section numbers § refer to the project's methods spec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,7 +28,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import KVCache
-from .kernels import get_differential_kernel, get_kernel
+from .. import variants
+from .kernels import AttentionKernel, get_kernel
 from .layers import RMSNorm, Rotary, compute_dtype
 
 
@@ -59,18 +66,54 @@ class KeepFP32Params(nn.Module):
 
 
 class AttentionBase(KeepFP32Params):
+    """What every variant shares: the config, the layer index, the 1/√d scale and the kernel object."""
+
+    # Name of a top-level parameter or submodule -> param_counts bucket; anything else is "attention.qkvo".
+    PARAM_BUCKETS: dict[str, str] = {}
+    # Whether forward makes a kernel's attend_differential call (fused differential kernels apply).
+    uses_attend_differential = False
+    # Whether λ depends on the input (then lambda_per_token, else lambda_report, gives it).
+    lambda_needs_data = False
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.scale = config.head_dim ** -0.5  # 1/√d with d the per-component q/k width
-        self.kernel = get_kernel(config.kernel)
-        # fused (A1 − λ·A2)·V in one pass, when the kernel has one (kernels.py; "triton" only)
-        self.diff_kernel = get_differential_kernel(config.kernel)
+        self.kernel: AttentionKernel = get_kernel(config.kernel)
+
+    def set_kernel(self, kernel) -> None:
+        """Use ``kernel`` (a name or an :class:`AttentionKernel`) from the next call on."""
+        self.kernel = get_kernel(kernel)
 
     def _attend(self, q, k, v, mask, is_causal, need_weights):
-        return self.kernel(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, need_weights=need_weights)
+        return self.kernel.attend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, need_weights=need_weights)
+
+    # --- what the pipeline asks of a variant ---------------------------------------------
+    @torch.no_grad()
+    def reset_variant_parameters(self) -> None:
+        """Initialise the variant's own tensors (λ, norm gains, ...); runs after the generic init of
+        ``DecoderLM.init_weights`` (nn.Linear / nn.Embedding / block norms)."""
+
+    @classmethod
+    def attention_widths(cls, config: ModelConfig) -> tuple[int, int]:
+        """(query·key width, value width) summed over every score map of one layer: attention costs
+        2·T·(w_qk + w_v) multiply-adds per token and layer in the forward pass."""
+        return config.n_head * config.head_dim, config.n_head * config.head_dim
+
+    def head_components(self, n_query_heads: int) -> Optional[torch.Tensor]:
+        """For one plain ``attend`` call over ``n_query_heads`` heads, which component map (0 or 1) each
+        query head computes, or None when the heads are not differential components."""
+        return None
+
+    def lambda_report(self) -> Optional[dict]:
+        """This layer's λ as a record (input-independent λ only), or None when the variant has none."""
+        return None
+
+    def lambda_per_token(self, x: torch.Tensor) -> torch.Tensor:
+        """λ per token and output head, (..., H) float64, for variants whose λ depends on the input."""
+        raise NotImplementedError(f"{type(self).__name__} has no input-dependent λ")
 
 
 class StandardAttention(AttentionBase):
@@ -113,6 +156,8 @@ class DiffV1Attention(AttentionBase):
     """
 
     _fp32_params = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+    PARAM_BUCKETS = {**{n: "attention.lambda" for n in _fp32_params}, "head_norm": "attention.norm"}
+    uses_attend_differential = True
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -133,6 +178,24 @@ class DiffV1Attention(AttentionBase):
         with torch.no_grad():
             for name in self._fp32_params:
                 getattr(self, name).normal_(0.0, self.config.lambda_std)
+
+    @torch.no_grad()
+    def reset_variant_parameters(self) -> None:
+        """λ vectors N(0, lambda_std²) in fp32 (methods.md §1.3); the per-head norm gain ``diff_norm_gain_init``."""
+        self.init_lambdas()
+        if self.head_norm is not None and self.head_norm.weight is not None:
+            self.head_norm.weight.fill_(self.config.diff_norm_gain_init)
+
+    @classmethod
+    def attention_widths(cls, config: ModelConfig) -> tuple[int, int]:
+        hd = config.n_head * config.head_dim  # two maps of H heads: q·k width d, value width 2d each
+        return 2 * hd, 4 * hd
+
+    def lambda_report(self) -> dict:
+        l1 = math.exp(float(torch.dot(self.lambda_q1.double(), self.lambda_k1.double())))
+        l2 = math.exp(float(torch.dot(self.lambda_q2.double(), self.lambda_k2.double())))
+        return {"lambda": float(self.lambda_full()), "lambda_init": float(self.lambda_init), "exp_q1k1": l1,
+                "exp_q2k2": l2}
 
     # --- Q/K projections: the only part Shared DIFF changes -------------------------------
     def _build_qk(self, config: ModelConfig) -> None:
@@ -166,18 +229,15 @@ class DiffV1Attention(AttentionBase):
         if cache is not None:
             k1, k2, v = cache.update(self.layer_idx, k1, k2, v)  # (B, Hkv, S, ·)
         lam = self.lambda_full()
-        out = None
-        if self.diff_kernel is not None and not need_weights:  # fused: both maps in one pass, λ in its epilogue
-            out = self.diff_kernel(q1, q2, k1, k2, v, lam, mask=mask, is_causal=is_causal, scale=self.scale)
-        if out is None:
-            a1, p1 = self._attend(q1, k1, v, mask, is_causal, need_weights)  # (B, H, T, 2d)
-            a2, p2 = self._attend(q2, k2, v, mask, is_causal, need_weights)
-            out = a1 - lam.to(a1.dtype) * a2  # Eq. 1: (A1 − λ·A2)·V
+        # Eq. 1: (A1 − λ·A2)·V, (B, H, T, 2d); a fused kernel computes both maps in one pass
+        out, probs = self.kernel.attend_differential(q1, q2, k1, k2, v, lam, mask=mask, is_causal=is_causal,
+                                                     scale=self.scale, need_weights=need_weights)
         if self.head_norm is not None:
             out = self.head_norm(out)
         out = out * (1.0 - self.lambda_init)  # Eq. 3: aligns gradients with a Transformer
         maps = None
         if need_weights:
+            p1, p2 = probs
             maps = AttentionMaps(p1 - lam.to(p1.dtype) * p2, torch.stack((p1, p2), dim=2))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), maps
 
@@ -197,6 +257,16 @@ class SharedDiffAttention(DiffV1Attention):
     B = 0, both maps start identical and diverge as B_1 and B_2 receive different gradients) or
     "random" (B ~ N(0, 1/r) so that A_c B_c has the scale of W_base and the maps differ at step 0).
     """
+
+    @torch.no_grad()
+    def reset_variant_parameters(self) -> None:
+        """V1's, then the low-rank B matrices: 0 for ``shared_init='lora'``, N(0, 1/r) for ``'random'``."""
+        super().reset_variant_parameters()
+        for up in (self.q_up, self.k_up):
+            if self.config.shared_init == "lora":
+                up.zero_()
+            else:
+                up.normal_(0.0, self.config.shared_rank ** -0.5)
 
     def _build_qk(self, config: ModelConfig) -> None:
         h, hkv, d, dm, r = config.n_head, config.n_kv_head, config.head_dim, config.d_model, config.shared_rank
@@ -229,6 +299,20 @@ class DiffV2Attention(AttentionBase):
     calls crucial. No per-head norm, no λ_init; the output projection maps H·d → D.
     """
 
+    PARAM_BUCKETS = {"lambda_proj": "attention.lambda"}
+    lambda_needs_data = True
+
+    @classmethod
+    def attention_widths(cls, config: ModelConfig) -> tuple[int, int]:
+        hd = config.n_head * config.head_dim  # 2H query heads of width d against values of width d
+        return 2 * hd, 2 * hd
+
+    def head_components(self, n_query_heads: int) -> torch.Tensor:
+        return torch.arange(n_query_heads) % 2  # query heads 2i, 2i+1 are the two maps of output head i
+
+    def lambda_per_token(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.lambda_proj(x).double())  # the forward's λ, in float64 for statistics
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         h, hkv, d, dm = config.n_head, config.n_kv_head, config.head_dim, config.d_model
@@ -259,17 +343,10 @@ class DiffV2Attention(AttentionBase):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), maps
 
 
-ATTENTION_CLASSES: dict[str, type[AttentionBase]] = {
-    "standard": StandardAttention,
-    "diff_v1": DiffV1Attention,
-    "diff_v2": DiffV2Attention,
-    "shared_diff": SharedDiffAttention,
-}
+def attention_class(attention: str) -> type[AttentionBase]:
+    """The class of variant ``attention``, from the registry (diffattn/variants.py)."""
+    return variants.get(attention).attention_class()
 
 
 def build_attention(config: ModelConfig, layer_idx: int) -> AttentionBase:
-    try:
-        cls = ATTENTION_CLASSES[config.attention]
-    except KeyError:
-        raise ValueError(f"unknown attention {config.attention!r}; valid: {', '.join(ATTENTION_CLASSES)}") from None
-    return cls(config, layer_idx)
+    return attention_class(config.attention)(config, layer_idx)

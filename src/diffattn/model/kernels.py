@@ -1,6 +1,9 @@
-"""Attention kernels: how softmax(QKᵀ·scale)V is computed. One signature for all of them.
+"""Attention kernels: how softmax(QKᵀ·scale)V is computed. A kernel is one :class:`AttentionKernel` object:
 
-    kernel(q, k, v, *, mask, is_causal, scale, need_weights) -> (out, weights | None)
+    kernel.attend(q, k, v, *, mask, is_causal, scale, need_weights) -> (out, weights | None)
+    kernel.attend_differential(q1, q2, k1, k2, v, lam, *, mask, is_causal, scale, need_weights)
+        -> (out, (weights1, weights2) | None)
+    kernel.returns_maps: whether ``need_weights=True`` is served (only ``eager``)
 
     q: (B, Hq, T, d)     k: (B, Hkv, S, d)     v: (B, Hkv, S, dv)     out: (B, Hq, T, dv)
 
@@ -14,19 +17,17 @@
 Variants call a kernel and never re-implement it; the differential algebra (λ, subtraction,
 per-head norm) lives in the variants.
 
-Optional fused differential entry point (issue #8). A kernel may also register, in
-``DIFFERENTIAL_KERNELS``, a function
+The differential entry point computes softmax(Q1K1ᵀ·scale)V − λ·softmax(Q2K2ᵀ·scale)V:
 
-    differential(q1, q2, k1, k2, v, lam, *, mask, is_causal, scale) -> out | None
+    q1, q2: (B, Hq, T, d)   k1, k2: (B, Hkv, S, d)   v: (B, Hkv, S, dv)   lam: 0-d   out: (B, Hq, T, dv)
 
-    q1, q2: (B, Hq, T, d)   k1, k2: (B, Hkv, S, d)   v: (B, Hkv, S, 2d)   lam: 0-d   out: (B, Hq, T, 2d)
-
-that returns softmax(Q1K1ᵀ·scale)V − λ·softmax(Q2K2ᵀ·scale)V computed in one pass (both maps share
-every loaded K/V tile), or ``None`` when it cannot serve this call (then the variant makes its two
-ordinary kernel calls). ``DiffV1Attention`` uses it when present; λ itself, the per-head norm and
-the (1 − λ_init) factor stay in the variant. Only ``triton`` has one: its plain entry is ``sdpa``
-(standard and DIFF V2 attention are ordinary grouped-query attention, which SDPA's flash back end
-already serves on GPU), and its differential entry is the fused kernel of ``triton_diff.py``.
+Its default (written once, in :class:`AttentionKernel`) is two ``attend`` calls and the subtraction;
+a kernel with a fused path overrides it and falls back to the default when the fused path cannot serve
+the call (an explicit mask, maps requested). λ itself, the per-head norm and the (1 − λ_init) factor
+stay in the variant. ``sdpa`` fuses both maps into one CPU flash call (:func:`sdpa_differential`);
+``triton``'s plain entry is ``sdpa`` (standard and DIFF V2 attention are ordinary grouped-query
+attention, which SDPA's flash back end already serves on GPU) and its differential entry is the fused
+kernel of ``triton_diff.py``. Models select kernels with ``DecoderLM.set_kernel`` / ``using_kernel``.
 """
 
 from __future__ import annotations
@@ -96,11 +97,12 @@ def sdpa_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=Fa
 def _stack_padded(q1, q2, k1, k2, v):
     """Both maps as one attention over 2H query heads: Q = [Q1; Q2], K = [K1; K2] (component-major,
     so query head c·H + h meets K/V head c·Hkv + ⌊h/n_rep⌋, the GQA rule j // n_rep), zero-padded
-    from d to 2d so that the fused kernels, which need equal q/k/v widths, accept V = [V; V] (2d)."""
-    (b, h, t, d), (hkv, s) = q1.shape, k1.shape[1:3]
-    q = q1.new_zeros(b, 2 * h, t, 2 * d)
+    from d to the value width dv (2d for DIFF V1) so that the fused kernels, which need equal q/k/v
+    widths, accept V = [V; V]."""
+    (b, h, t, d), (hkv, s), dv = q1.shape, k1.shape[1:3], v.shape[-1]
+    q = q1.new_zeros(b, 2 * h, t, dv)
     q[:, :h, :, :d], q[:, h:, :, :d] = q1, q2
-    k = k1.new_zeros(b, 2 * hkv, s, 2 * d)
+    k = k1.new_zeros(b, 2 * hkv, s, dv)
     k[:, :hkv, :, :d], k[:, hkv:, :, :d] = k1, k2
     return q, k, torch.cat([v, v], dim=1)
 
@@ -159,8 +161,8 @@ def _decode_differential(q1, q2, k1, k2, v, lam, scale):
 def sdpa_differential(q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale):
     """CPU: both DIFF maps in one fused SDPA call instead of the split-value trick's four.
 
-    Stacking the two maps as 2H heads and zero-padding Q/K to 2d (exact: the padded channels add 0
-    to every score; the scale stays 1/√d) runs ONE flash call with the 2d-wide V: one softmax per
+    Stacking the two maps as 2H heads and zero-padding Q/K to the value width, 2d for DIFF V1 (exact: the
+    padded channels add 0 to every score; the scale stays 1/√d) runs ONE flash call with V: one softmax per
     map instead of two, a quarter of the calls. Measured faster than the split-value path at the
     issue's CPU target shape (docs/benchmarks.md). Returns None — the variant then makes its two
     split-value calls — for an explicit mask and off CPU (on GPU, ``triton`` is the fused path).
@@ -191,20 +193,69 @@ def triton_differential(q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, sc
 
 DiffKernel = Callable[..., Optional[torch.Tensor]]
 
+
+class AttentionKernel:
+    """One way of computing attention: a plain entry point and a differential one (module docstring).
+
+    Subclasses implement :meth:`attend`; they override :meth:`attend_differential` only to fuse the two maps
+    (returning to ``super()`` when the fused path cannot serve a call).
+    """
+
+    name = "kernel"
+    returns_maps = False  # whether need_weights=True is served
+    fuses_differential = False  # whether attend_differential has a fused path (else two attend calls)
+
+    def attend(self, q, k, v, *, mask=None, is_causal=True, scale, need_weights=False):
+        raise NotImplementedError
+
+    def attend_differential(self, q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale, need_weights=False):
+        """(A1 − λ·A2)·V: two ``attend`` calls and the subtraction (Eq. 1); maps (p1, p2) when asked."""
+        a1, p1 = self.attend(q1, k1, v, mask=mask, is_causal=is_causal, scale=scale, need_weights=need_weights)
+        a2, p2 = self.attend(q2, k2, v, mask=mask, is_causal=is_causal, scale=scale, need_weights=need_weights)
+        return a1 - lam.to(a1.dtype) * a2, ((p1, p2) if need_weights else None)
+
+    def __call__(self, q, k, v, **kwargs):  # a kernel object is also the plain attention function
+        return self.attend(q, k, v, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class FunctionKernel(AttentionKernel):
+    """A kernel from functions: ``attend_fn`` (the plain signature) and optionally ``fused_fn``, a
+    differential function that returns ``None`` when it cannot serve a call (then the default path runs)."""
+
+    def __init__(self, name: str, attend_fn: Kernel, fused_fn: Optional[DiffKernel] = None, *,
+                 returns_maps: bool = False):
+        self.name, self.attend_fn, self.fused_fn, self.returns_maps = name, attend_fn, fused_fn, returns_maps
+        self.fuses_differential = fused_fn is not None
+
+    def attend(self, q, k, v, *, mask=None, is_causal=True, scale, need_weights=False):
+        return self.attend_fn(q, k, v, mask=mask, is_causal=is_causal, scale=scale, need_weights=need_weights)
+
+    def attend_differential(self, q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale, need_weights=False):
+        if self.fused_fn is not None and not need_weights:  # fused: both maps in one pass, λ in its epilogue
+            out = self.fused_fn(q1, q2, k1, k2, v, lam, mask=mask, is_causal=is_causal, scale=scale)
+            if out is not None:
+                return out, None
+        return super().attend_differential(q1, q2, k1, k2, v, lam, mask=mask, is_causal=is_causal, scale=scale,
+                                           need_weights=need_weights)
+
+
 # "triton": standard/V2 attention (and DIFF calls with an explicit mask) go to SDPA, whose flash
 # back end is the grouped-query flash path on GPU; DIFF V1 / Shared DIFF use the fused kernel.
-KERNELS: dict[str, Kernel] = {"eager": eager_attention, "sdpa": sdpa_attention, "triton": sdpa_attention}
-DIFFERENTIAL_KERNELS: dict[str, DiffKernel] = {"sdpa": sdpa_differential, "triton": triton_differential}
+KERNELS: dict[str, AttentionKernel] = {
+    "eager": FunctionKernel("eager", eager_attention, returns_maps=True),
+    "sdpa": FunctionKernel("sdpa", sdpa_attention, sdpa_differential),
+    "triton": FunctionKernel("triton", sdpa_attention, lambda *a, **kw: triton_differential(*a, **kw)),
+}
 
 
-def get_kernel(name: str) -> Kernel:
+def get_kernel(kernel) -> AttentionKernel:
+    """The kernel named ``kernel`` (an :class:`AttentionKernel` is returned as it is)."""
+    if isinstance(kernel, AttentionKernel):
+        return kernel
     try:
-        return KERNELS[name]
-    except KeyError:
-        raise ValueError(f"unknown kernel {name!r}; valid: {', '.join(KERNELS)}") from None
-
-
-def get_differential_kernel(name: str) -> Optional[DiffKernel]:
-    """The fused differential entry point of kernel ``name``, or None when it has none."""
-    get_kernel(name)  # validates the name
-    return DIFFERENTIAL_KERNELS.get(name)
+        return KERNELS[kernel]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}") from None

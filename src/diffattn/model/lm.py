@@ -8,11 +8,14 @@ variants (``config.attention``); the kernel is ``config.kernel``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import AttentionMaps, SharedDiffAttention, build_attention
+from .attention import AttentionMaps, build_attention
+from .kernels import KERNELS, get_kernel
 from .cache import KVCache
 from .layers import RMSNorm, Rotary, SwiGLU
 
@@ -58,9 +61,9 @@ class DecoderLM(nn.Module):
         * ``"torch"``: PyTorch's defaults, which the DIFF authors' reference modules use (methods.md
           §1.5): every nn.Linear Kaiming-uniform(a=√5), i.e. U(±1/√fan_in); nn.Embedding N(0, 1).
 
-        Under both: block RMSNorm gains 1; the DIFF per-head norm gain ``diff_norm_gain_init`` (1 in
-        the reference code); DIFF λ vectors N(0, lambda_std²) in fp32 (methods.md §1.3); Shared DIFF
-        B matrices 0 for ``shared_init='lora'``, N(0, 1/r) for ``'random'``.
+        Under both: block RMSNorm gains 1; then each attention module's ``reset_variant_parameters``
+        (DIFF: λ vectors N(0, lambda_std²) in fp32 (methods.md §1.3), the per-head norm gain
+        ``diff_norm_gain_init``; Shared DIFF: B matrices 0 for ``shared_init='lora'``, N(0, 1/r) for ``'random'``).
         docs/results/init.md measures what the choice does to the cpu-tiny comparison.
         """
         cfg = self.config
@@ -77,17 +80,7 @@ class DecoderLM(nn.Module):
             if cfg.init == "gpt2":
                 block.attn.o_proj.weight.normal_(0.0, std / (2 * cfg.n_layer) ** 0.5)
                 block.ffn.down.weight.normal_(0.0, std / (2 * cfg.n_layer) ** 0.5)
-            if hasattr(block.attn, "init_lambdas"):
-                block.attn.init_lambdas()
-            norm = getattr(block.attn, "head_norm", None)
-            if norm is not None and norm.weight is not None:
-                norm.weight.fill_(cfg.diff_norm_gain_init)
-            if isinstance(block.attn, SharedDiffAttention):
-                for up in (block.attn.q_up, block.attn.k_up):
-                    if cfg.shared_init == "lora":
-                        up.zero_()
-                    else:
-                        up.normal_(0.0, cfg.shared_rank ** -0.5)
+            block.attn.reset_variant_parameters()
 
     # ------------------------------------------------------------------ forward
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
@@ -133,7 +126,7 @@ class DecoderLM(nn.Module):
         past = 0 if cache is None else cache.length
         if past + t > self.config.max_seq_len:
             raise ValueError(f"sequence length {past + t} exceeds max_seq_len {self.config.max_seq_len}")
-        if return_maps and self.config.kernel != "eager":
+        if return_maps and not all(block.attn.kernel.returns_maps for block in self.layers):
             raise ValueError("return_maps needs kernel='eager' (the only kernel that materialises the maps)")
         device = input_ids.device
 
@@ -188,6 +181,33 @@ class DecoderLM(nn.Module):
         mask = mask | (k_pos == q_pos)[None]  # a padded query still sees itself: no empty softmax row
         return mask[:, None], False  # (B, 1, T, S)
 
+    # ------------------------------------------------------------------ kernels
+    def set_kernel(self, kernel) -> None:
+        """Compute attention with ``kernel`` (a name in ``KERNELS`` or an ``AttentionKernel``) from now on.
+        A named kernel also becomes ``config.kernel`` (what a saved checkpoint records)."""
+        k = get_kernel(kernel)
+        for block in self.layers:
+            block.attn.set_kernel(k)
+        if KERNELS.get(k.name) is k:
+            self.config = self.config.replace(kernel=k.name)
+
+    @contextmanager
+    def using_kernel(self, kernel):
+        """Use ``kernel`` for the duration of the ``with`` block, then restore each layer's own kernel.
+        ``kernel`` is one kernel (name or object) for every layer, or a sequence with one per layer."""
+        per_layer = list(kernel) if isinstance(kernel, (list, tuple)) else [kernel] * len(self.layers)
+        if len(per_layer) != len(self.layers):
+            raise ValueError(f"using_kernel: {len(per_layer)} kernels for {len(self.layers)} layers")
+        old_config, old = self.config, [block.attn.kernel for block in self.layers]
+        for block, k in zip(self.layers, per_layer):
+            block.attn.set_kernel(k)
+        try:
+            yield self
+        finally:
+            for block, k in zip(self.layers, old):
+                block.attn.set_kernel(k)
+            self.config = old_config
+
     # ------------------------------------------------------------------ utilities
     def param_counts(self) -> "OrderedDict[str, int]":
         """Parameter count by component; the parts sum to ``total`` (tied weights counted once)."""
@@ -198,13 +218,9 @@ class DecoderLM(nn.Module):
                 key = "embedding"
             elif name.startswith("lm_head."):
                 key = "lm_head"
-            elif ".attn." in name:
-                if ".head_norm." in name:
-                    key = "attention.norm"
-                elif ".attn.lambda_" in name:  # V1 λ vectors, V2's W_λ
-                    key = "attention.lambda"
-                else:
-                    key = "attention.qkvo"
+            elif ".attn." in name:  # the variant class names its λ and norm tensors (PARAM_BUCKETS)
+                local = name.split(".attn.", 1)[1].split(".", 1)[0]
+                key = type(self.layers[0].attn).PARAM_BUCKETS.get(local, "attention.qkvo")
             elif ".ffn." in name:
                 key = "ffn"
             else:

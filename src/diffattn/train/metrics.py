@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DIFF_V1_LIKE, ModelConfig
+from ..config import ModelConfig
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -40,13 +40,9 @@ def flops_per_token(model: nn.Module, config: ModelConfig, seq_len: int) -> floa
     n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embed."))
     if config.tie_embeddings:
         n += config.vocab_size * config.d_model  # the tied head is still a matmul
-    d, h = config.head_dim, config.n_head
-    if config.attention in DIFF_V1_LIKE:
-        per_layer = 2 * h * (d + 2 * d)
-    elif config.attention == "diff_v2":
-        per_layer = 2 * h * (d + d)
-    else:
-        per_layer = h * (d + d)
+    from ..model.attention import attention_class
+
+    per_layer = sum(attention_class(config.attention).attention_widths(config))  # the variant's score maps
     return 6.0 * n + 6.0 * config.n_layer * seq_len * per_layer
 
 

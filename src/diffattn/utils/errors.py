@@ -10,6 +10,10 @@
 from __future__ import annotations
 
 
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2 (``diffattn.cli`` re-exports it)."""
+
+
 class RunError(RuntimeError):
     """A run stopped cleanly on a fault; ``diffattn`` prints the message and exits with ``exit_code``."""
 
@@ -39,4 +43,4 @@ def check_text(value: str, what: str) -> str:
     return value
 
 
-__all__ = ["RunError", "CorruptFileError", "check_text"]
+__all__ = ["UsageError", "RunError", "CorruptFileError", "check_text"]

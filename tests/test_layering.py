@@ -1,0 +1,37 @@
+"""The architecture's layering rules (docs/architecture.md) hold: tools/check_layering.py finds no violation,
+and it does find each kind of violation in a tree that has one."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _checker():
+    spec = importlib.util.spec_from_file_location("check_layering", REPO / "tools" / "check_layering.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_source_tree_keeps_the_layering_rules():
+    assert _checker().check() == []
+
+
+def test_each_rule_catches_its_violation(tmp_path):
+    check = _checker().check
+    root = tmp_path / "diffattn"
+    shutil.copytree(REPO / "src" / "diffattn", root)
+    (root / "model" / "kernels.py").write_text((root / "model" / "kernels.py").read_text()
+                                               + "\nfrom ..eval.adapter import load  # noqa\n")
+    (root / "eval" / "ppl.py").write_text((root / "eval" / "ppl.py").read_text()
+                                          + "\n\ndef _bad(block):\n    block.attn.kernel = None\n"
+                                          + "    from ..cli import main  # noqa\n    from ..dex import apply_dex  # noqa\n")
+    (root / "data" / "long.py").write_text("x = 1\n" * 601)
+    problems = "\n".join(check(root))
+    assert "model/kernels.py" in problems and "eval is not below model" in problems
+    assert "eval/ppl.py" in problems and "assigns block.attn.kernel" in problems
+    assert "imports diffattn.cli (only __main__ may)" in problems
+    assert "dex is not below eval" in problems
+    assert "data/long.py: 601 lines" in problems
