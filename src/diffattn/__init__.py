@@ -1,14 +1,32 @@
 """diffattn: the differential-attention family of Transformers (DIFF V1, DIFF V2, Shared DIFF, DEX)
-under one interface, with training, evaluation and benchmark tooling."""
+under one interface, with training, evaluation and benchmark tooling.
 
-from . import presets
+``import diffattn`` is cheap: the model classes (and torch) load on first use of ``DecoderLM``,
+``KVCache`` or ``build_model``, so the command line starts without importing torch.
+"""
+
+from . import presets, variants
 from .config import ATTENTION_VARIANTS, KERNELS, ModelConfig
-from .model import DecoderLM, KVCache, build_model
 
 __version__ = "0.1.0"
 
 __all__ = ["ATTENTION_VARIANTS", "KERNELS", "DecoderLM", "KVCache", "ModelConfig", "build_model", "presets",
-           "__version__"]
+           "variants", "__version__"]
+
+_LAZY = {"DecoderLM": "model", "KVCache": "model", "build_model": "model"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'diffattn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 # Register "diffattn" with transformers' AutoConfig / AutoModelForCausalLM. Cheap: transformers is not
 # imported here; a post-import hook registers when its auto classes load (see hf/autoregister.py).

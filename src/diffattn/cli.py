@@ -19,29 +19,47 @@ from .utils.errors import RunError, UsageError  # noqa: F401  (UsageError: re-ex
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE}
 
-# subcommand -> "module" providing add_parser(subparsers), or "module:function"
-SUBCOMMANDS: dict[str, str] = {
-    "info": "diffattn.info",
-    "export": "diffattn.hf.cli_export",
-    "import": "diffattn.hf.cli_import",
-    "data": "diffattn.data.cli",
-    "generate": "diffattn.generate_cli",
-    "eval": "diffattn.eval.cli",
-    "train": "diffattn.train.cli",
-    "bench": "diffattn.bench.cli",
-    "adapt": "diffattn.dex.cli",
-    "compare": "diffattn.experiments.cli:add_compare_parser",
-    "report": "diffattn.experiments.cli:add_report_parser",
+# subcommand -> ("module" providing add_parser(subparsers, help) or "module:function", one-line help).
+# Only the chosen command's module is imported: `diffattn --help` and start-up stay fast (no torch to list them).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("diffattn.info", "show a resolved model configuration and its parameter counts"),
+    "export": ("diffattn.hf.cli_export", "export a checkpoint to a stock transformers model (DiffLlama / Llama)"),
+    "import": ("diffattn.hf.cli_import", "import a transformers DiffLlama / Llama model as a diffattn checkpoint"),
+    "data": ("diffattn.data.cli", "prepare corpora, tokenizers and token shards"),
+    "generate": ("diffattn.generate_cli", "generate text from a model directory"),
+    "eval": ("diffattn.eval.cli", "evaluate a model directory (diffattn or Hugging Face) on one task"),
+    "train": ("diffattn.train.cli", "train a model (TOML run file, --set overrides, --resume, torchrun DDP/FSDP2)"),
+    "bench": ("diffattn.bench.cli", "benchmark the variants against the standard baseline"),
+    "adapt": ("diffattn.dex.cli", "adapt a pretrained LLM with differential attention (DEX)"),
+    "compare": ("diffattn.experiments.cli:add_compare_parser",
+                "train every variant parameter-matched on the same data, evaluate, report"),
+    "report": ("diffattn.experiments.cli:add_report_parser", "regenerate a compare report from its results.json"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option), if any."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in SUBCOMMANDS else None
+        if word in ("-h", "--help", "--version"):
+            return None
+    return None
+
+
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The ``diffattn`` parser. ``command``: build that subcommand's full parser and list the others by their
+    help line only (None: list them all, importing nothing); the default ``"*"`` builds every one in full."""
     parser = argparse.ArgumentParser(prog="diffattn", description="The differential-attention family of Transformers.")
     parser.add_argument("--version", action="version", version=f"diffattn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, target in SUBCOMMANDS.items():
-        module, _, func = target.partition(":")  # "module" or "module:function" (default add_parser)
-        getattr(importlib.import_module(module), func or "add_parser")(sub)
+    for name, entry in SUBCOMMANDS.items():
+        target, help_ = (entry, None) if isinstance(entry, str) else entry
+        if command == "*" or name == command:
+            module, _, func = target.partition(":")  # "module" or "module:function" (default add_parser)
+            getattr(importlib.import_module(module), func or "add_parser")(sub, help=help_)
+        else:
+            sub.add_parser(name, help=help_)
     return parser
 
 
@@ -52,10 +70,9 @@ def _one_line_warnings(command: str):
     Only the text is changed (``warnings.formatwarning``), so filters and recorders still see every warning."""
     import warnings
 
-    from .train.faults import TrainingAlarm
-
     def fmt(message, category, filename, lineno, line=None):
-        kind = "alarm" if issubclass(category, TrainingAlarm) else "warning"
+        # train.faults.TrainingAlarm, by name: importing the training package here would cost every command ~1 s
+        kind = "alarm" if any(c.__name__ == "TrainingAlarm" for c in category.__mro__) else "warning"
         text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
         return f"diffattn {command}: {kind}: {text}\n"
 
@@ -67,7 +84,8 @@ def _one_line_warnings(command: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("generate", help="generate text from a model directory",
+def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help=help,
                        description="Decode a continuation of --prompt with the KV cache (greedy by default).")
     p.add_argument("--model", required=True, help="model directory (diffattn checkpoint or Hugging Face causal LM)")
     p.add_argument("--prompt", required=True)

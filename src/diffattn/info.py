@@ -9,18 +9,12 @@ from pathlib import Path
 from . import presets
 from .config import ATTENTION_VARIANTS, ModelConfig
 from .fsutil import read_json
+from .utils.options import parse_set
 
 
 def parse_override(item: str) -> tuple[str, object]:
-    """``key=value`` with a JSON value (bare words are strings): ``n_layer=4``, ``lambda_init=0.8``."""
-    if "=" not in item:
-        raise ValueError(f"override {item!r} is not key=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
+    """``--set key=value`` (utils/options.py's grammar): ``n_layer=4``, ``lambda_init=0.8``."""
+    return parse_set(item, example="n_layer=4")
 
 
 def resolve_config(preset: str | None, config_file: str | None, attention: str | None, overrides: list[str]) -> ModelConfig:
@@ -42,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.preset, args.config, args.attention, args.set or [])
     import torch
 
-    with torch.device("meta"):  # shapes only: no memory for the 13B presets
+    rough = 12 * cfg.n_layer * cfg.d_model ** 2 + 2 * cfg.vocab_size * cfg.d_model  # parameters, roughly
+    # large presets: shapes only (no memory for 13B); small ones on the CPU, which skips the ~1.5 s that
+    # initialising meta tensors costs (it imports torch._dynamo)
+    with torch.device("meta" if rough > 50_000_000 else "cpu"):
         model = build_model(cfg)
     counts = model.param_counts()
     if args.json:
@@ -56,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("info", help="show a resolved model configuration and its parameter counts",
+def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser("info", help=help,
                        description="Resolve a named preset (or a config.json) for one attention variant, "
                                    "parameter-matched, and print the configuration and parameter counts.")
     p.add_argument("--preset", choices=list(presets.SIZES), help="named size (default: tiny)")

@@ -53,8 +53,8 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="benchmark the variants against the standard baseline",
+def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help=help,
                        description=__doc__.splitlines()[0])
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND")
     from . import attention, generate, train

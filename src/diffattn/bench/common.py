@@ -29,11 +29,12 @@ import torch
 from .. import presets
 from ..fsutil import write_text_atomic
 from ..utils.errors import UsageError
+from ..utils.runtime import DTYPES as RUNTIME_DTYPES
 from ..utils.timing import Timing, round_robin, sync  # noqa: F401 (re-exported for the benchmarks)
 from .. import variants
 from ..config import ModelConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {name: RUNTIME_DTYPES[name] for name in ("fp32", "bf16", "fp16")}  # the short names of utils.runtime
 REFERENCE_ROWS = ("authors_split_value", "diffllama")  # extra rows, beside our variants
 
 

@@ -27,8 +27,10 @@ import traceback
 
 import torch
 
+from ..utils.runtime import DTYPES as RUNTIME_DTYPES
+
 TOL = {"fp32": 2e-3, "bf16": 3e-2}  # fp32: TF32-free kernels agree to ~1e-6; bf16 inputs round at ~4e-3
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: RUNTIME_DTYPES[name] for name in ("fp32", "bf16")}  # utils.runtime's names
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -22,9 +22,10 @@ import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
+
+from ..fsutil import make_tempdir  # noqa: F401 (also re-exported: data.sources uses it from here)
 
 
 class UnsafeArchiveError(ValueError):
@@ -129,16 +130,6 @@ def _deb_data_tar(path: Path) -> tarfile.TarFile:
                     raise ValueError(f"{path}: zstd-compressed data.tar is not supported")
                 return tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
     raise ValueError(f"{path}: no data.tar member in the Debian package")
-
-
-def make_tempdir(parent: str | os.PathLike, name: str) -> Path:
-    """A fresh hidden directory in ``parent`` for atomic writes, with the permissions a plain
-    ``mkdir`` would give (``tempfile.mkdtemp`` makes it 0700)."""
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return Path(tmp)
 
 
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:

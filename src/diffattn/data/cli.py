@@ -32,8 +32,8 @@ def _sources(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("data", help="prepare corpora, tokenizers and token shards",
+def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser("data", help=help,
                        description="Prepare training data: documents -> document-level train/val split -> "
                                    "tokenizer -> memory-mappable token shards.")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")

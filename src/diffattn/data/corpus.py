@@ -13,13 +13,13 @@ Bibles), ``source:NAME`` (one source), ``hf:NAME[:CONFIG][@SPLIT]`` (needs ``dat
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from ..fsutil import jsonl_records
 from . import sources as S
 from .text import decode_bytes, normalize
 
@@ -67,13 +67,7 @@ def _user_file_documents(path: Path, label: str, text_field: str) -> Iterator[Do
 
 def _jsonl_documents(path: Path, label: str, text_field: str) -> Iterator[Document]:
     raw, _ = decode_bytes(path.read_bytes(), str(path))
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    for n, record in jsonl_records(raw, path):
         if not isinstance(record, dict) or text_field not in record:
             raise ValueError(f"{path} line {n}: no field {text_field!r} (choose the field with --text-field)")
         value = record[text_field]

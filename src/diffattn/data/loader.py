@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..fsutil import read_json
+from ..fsutil import read_json, sha256_file
 
 SHARD_FORMAT = "diffattn-shards-v1"
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -98,12 +98,9 @@ class TokenShards:
         """Check every token file against the sha256 recorded in index.json (reads all data)."""
         for entry in self.index["splits"][self.split]:
             path = self.dir / entry["file"]
-            digest = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-            if "sha256" in entry and digest.hexdigest() != entry["sha256"]:
-                raise ValueError(f"{path}: sha256 {digest.hexdigest()} does not match index.json ({entry['sha256']})")
+            digest = sha256_file(path)
+            if "sha256" in entry and digest != entry["sha256"]:
+                raise ValueError(f"{path}: sha256 {digest} does not match index.json ({entry['sha256']})")
 
 
 def read_shard_index(directory: str | os.PathLike) -> dict:

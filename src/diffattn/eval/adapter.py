@@ -132,6 +132,22 @@ class ModelAdapter:
                 "vocab_size": self.vocab_size, "n_layer": self.n_layer}
 
 
+def collect_outputs(modules, run: Callable[[], object]) -> list[torch.Tensor]:
+    """Run ``run()`` with a forward hook on each module; return their outputs (the first element of a tuple)."""
+    outs: list[torch.Tensor] = []
+
+    def hook(mod, inp, out):
+        outs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+
+    hooks = [m.register_forward_hook(hook) for m in modules]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
 def _display_name(path: Path) -> str:
     """``runs/tiny/checkpoints/step-000200`` -> ``tiny-step-000200``; otherwise the directory name."""
     if path.parent.name == "checkpoints" and path.parent.parent.name:

@@ -18,7 +18,7 @@ import torch
 from .. import variants
 from ..model.kernels import AttentionKernel
 from ..utils.errors import UsageError
-from .adapter import LayerMaps, ModelAdapter, ProbeSite, _json_sha256, _weights_sha256
+from .adapter import LayerMaps, ModelAdapter, ProbeSite, _json_sha256, _weights_sha256, collect_outputs
 
 
 def probe_kernel(q, k, v, *, mask=None, is_causal=True, scale, need_weights=False, hook=None):
@@ -129,15 +129,7 @@ class DiffattnAdapter(ModelAdapter):
 
     @torch.no_grad()
     def layer_outputs(self, ids):
-        outs: list[torch.Tensor] = []
-        hooks = [b.register_forward_hook(lambda mod, inp, out: outs.append(out[0].detach()))
-                 for b in self.model.layers]
-        try:
-            self.model(ids.to(self.device))
-        finally:
-            for h in hooks:
-                h.remove()
-        return outs
+        return collect_outputs(self.model.layers, lambda: self.model(ids.to(self.device)))
 
     @contextmanager
     def logit_probe(self, fn):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..utils.errors import UsageError
-from .adapter import LayerMaps, ModelAdapter, ProbeSite, _json_sha256, _weights_sha256
+from .adapter import LayerMaps, ModelAdapter, ProbeSite, _json_sha256, _weights_sha256, collect_outputs
 
 
 _PROBE_NAME = "diffattn_eval_probe"
@@ -182,18 +182,7 @@ class HFAdapter(ModelAdapter):
     def layer_outputs(self, ids):
         if self.blocks is None:
             raise UsageError(f"model {self.name!r}: cannot find its decoder layers to read their outputs")
-        outs: list[torch.Tensor] = []
-
-        def hook(mod, inp, out):
-            outs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
-
-        hooks = [b.register_forward_hook(hook) for b in self.blocks]
-        try:
-            self.model(input_ids=ids.to(self.device))
-        finally:
-            for h in hooks:
-                h.remove()
-        return outs
+        return collect_outputs(self.blocks, lambda: self.model(input_ids=ids.to(self.device)))
 
     @contextmanager
     def logit_probe(self, fn):

@@ -28,14 +28,13 @@ For DIFF models the shares of the first component map alone are reported too (``
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .common import (integer_xaxis, TaskOptions, TaskResult, UsageError, check_choice, check_int, finish, markdown_table, mean,
-                     new_figure, opt, seed_everything)
+from .common import (start_task, integer_xaxis, TaskOptions, TaskResult, UsageError, check_choice, check_int, finish, markdown_table, mean,
+                     new_figure, opt)
 from .datasets import load_corpus
 from .needle import CITIES, DEPTHS, NeedleGenerator, NeedlePrompt
 
@@ -127,9 +126,7 @@ def attention_shares(rows: Sequence[torch.Tensor], masks: dict[str, torch.Tensor
 
 def run_attention_noise(adapter, tokenizer, options: AttentionNoiseOptions, out_dir=None) -> dict:
     """Answer vs noise attention shares on needle prompts, per depth."""
-    started = time.time()
-    options.check_model(adapter)
-    seed_everything(options.seed)
+    started = start_task(adapter, options)
     length = options.length or min(adapter.max_len, 2048)
     corpus = load_corpus(options.data, tokenizer)
     gen = NeedleGenerator(tokenizer, corpus.texts())

@@ -43,10 +43,10 @@ def _task_module_doc(name: str) -> str:
     return importlib.import_module(f"diffattn.eval.{mod}").__doc__ or ""
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
     from . import TASKS
 
-    p = sub.add_parser("eval", help="evaluate a model directory (diffattn or Hugging Face) on one task",
+    p = sub.add_parser("eval", help=help,
                        description="Evaluate a diffattn checkpoint or any Hugging Face causal-LM directory with one "
                                    "of the papers' protocols; writes results.json, results.md and PNG plots.")
     p.error = types.MethodType(OneLineParser.error, p)

@@ -18,37 +18,25 @@ into place at the end, as ``checkpoint.save_model`` does):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..fsutil import replace_dir
+from ..fsutil import atomic_directory
 from ..utils import stats as _stats
 from ..utils.errors import UsageError
+from ..utils.options import add_options_to_parser, flag, opt, options_from_args, read_toml  # noqa: F401 (re-exported)
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
-
-
-def opt(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field with command-line help (``metadata['help']``)."""
-    if isinstance(default, list):
-        value = list(default)
-        return field(default_factory=lambda: list(value), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,10 +87,6 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise UsageError(f"--{flag(name)}: unknown value {value!r}; valid: {', '.join(choices)}")
 
 
-def flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
 def parse_nr(items: Sequence[str]) -> list[tuple[int, int]]:
     """``["1/1", "6/2"]`` -> ``[(1, 1), (6, 2)]`` (N needles, R queried); N >= R >= 1."""
     out = []
@@ -122,102 +106,6 @@ def parse_nr(items: Sequence[str]) -> list[tuple[int, int]]:
     return out
 
 
-# --------------------------------------------------------------------------- options <-> argparse / TOML
-
-def _field_kind(tp: Any) -> tuple[Callable[[str], Any] | None, bool, bool]:
-    """(scalar parser, is_list, is_bool) for a field's (resolved) annotation."""
-    origin = typing.get_origin(tp)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        tp = args[0]
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is list:
-        return args[0], True, False
-    if tp is bool:
-        return None, False, True
-    return (tp if tp in (int, float, str) else str), False, False
-
-
-def _list_parser(elem: Callable[[str], Any], name: str) -> Callable[[str], list]:
-    import argparse
-
-    def parse(text: str) -> list:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        try:
-            return [elem(t) for t in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"cannot parse {text!r} as a comma-separated list of "
-                                             f"{getattr(elem, '__name__', 'values')}") from None
-    return parse
-
-
-def add_options_to_parser(parser, cls: type[TaskOptions]) -> None:
-    """One ``--flag`` per options field; defaults are applied later (argparse default ``None``)."""
-    import argparse
-
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name == "seed":
-            continue  # common flag, added by the CLI
-        elem, is_list, is_bool = _field_kind(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        # a None default means "decided at run time": the help text says how, "(default: None)" would not
-        suffix = "" if default is None else f" (default: {shown})"
-        help_ = f"{f.metadata.get('help', '')}{suffix}".replace("%", "%%")
-        name = "--" + flag(f.name)
-        if is_bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif is_list:
-            parser.add_argument(name, type=_list_parser(elem, f.name), default=None, metavar="A,B,...", help=help_)
-        elif f.metadata.get("escapes"):  # "\\n" on the command line means a newline
-            parser.add_argument(name, type=_unescape, default=None, help=help_.encode("unicode_escape").decode())
-        else:
-            parser.add_argument(name, type=_scalar_parser(elem, f.name), default=None, help=help_)
-
-
-def _unescape(text: str) -> str:
-    return text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def _scalar_parser(elem, name):
-    import argparse
-
-    def parse(text: str):
-        if elem is str:
-            return text
-        try:
-            return elem(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {elem.__name__}") from None
-    parse.__name__ = getattr(elem, "__name__", "value")
-    return parse
-
-
-def read_toml(path: str | os.PathLike) -> dict[str, Any]:
-    import tomllib
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
-    try:
-        return tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{p}: not valid TOML ({e})") from None
-
-
-def options_from_args(cls: type[TaskOptions], args, config: Mapping[str, Any] | None = None) -> TaskOptions:
-    """Defaults <- TOML config <- explicit command-line flags."""
-    data: dict[str, Any] = {}
-    if config:
-        data.update({str(k).replace("-", "_"): v for k, v in config.items()})
-    for f in fields(cls):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            data[f.name] = value
-    return cls.from_mapping(data, source="options")
-
-
 # --------------------------------------------------------------------------- seeding
 
 def seeded(seed: int, *salt: Any) -> random.Random:
@@ -226,6 +114,23 @@ def seeded(seed: int, *salt: Any) -> random.Random:
 
     key = json.dumps([seed, *[str(s) for s in salt]]).encode()
     return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+
+
+def start_task(adapter, options) -> float:
+    """What every task does first: check the options against the model, seed every generator; returns the
+    start time (for the record's wall time)."""
+    started = time.time()
+    options.check_model(adapter)
+    seed_everything(options.seed)
+    return started
+
+
+def require_text_and_context(options, adapter) -> None:
+    """``check_model`` of the tasks that read held-out text with an optional ``--seq-len``."""
+    if options.data is None:
+        raise UsageError("--data is required: held-out text (a shard dir, text file/dir, .jsonl, or source name)")
+    if options.seq_len is not None and options.seq_len > adapter.max_len:
+        raise UsageError(f"--seq-len {options.seq_len} is above the model's context ({adapter.max_len} tokens)")
 
 
 def seed_everything(seed: int) -> None:
@@ -354,19 +259,13 @@ def render_markdown(result: TaskResult, record: dict[str, Any]) -> str:
 def write_outputs(out_dir: str | os.PathLike, record: dict[str, Any], markdown: str, figures: Mapping[str, Any]) -> Path:
     """Write results.json, results.md and the PNGs into ``out_dir`` atomically (temp dir + rename)."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    with atomic_directory(out) as tmp:
         (tmp / RESULTS_JSON).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         (tmp / RESULTS_MD).write_text(markdown)
         for name, fig in figures.items():
             fig.savefig(tmp / name, dpi=110)
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"--out {out} exists and is not a directory")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -379,5 +278,6 @@ def finish(result: TaskResult, adapter, tokenizer, options: TaskOptions, out_dir
 
 
 __all__ = ["TaskOptions", "TaskResult", "UsageError", "opt", "check_int", "check_choice", "parse_nr",
-           "add_options_to_parser", "options_from_args", "read_toml", "seeded", "seed_everything", "mean", "std",
+           "add_options_to_parser", "options_from_args", "read_toml", "seeded", "seed_everything", "start_task",
+           "require_text_and_context", "mean", "std",
            "markdown_table", "new_figure", "write_outputs", "finish", "fmt"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..fsutil import jsonl_records
 from ..utils.errors import UsageError
 
 # Debian bookworm wordnet-base, pinned when this was written (apt-get download; data.md §4)
@@ -207,16 +208,20 @@ def load_icl_dataset(name: str) -> ICLDataset:
                      "with text/label fields")
 
 
-def check_icl_dataset_name(name: str) -> None:
-    if name in ICL_DATASETS:
+def _check_dataset_name(name: str, known, what: str, fields: str) -> None:
+    """A known dataset name, or a .jsonl file that exists (with ``fields``); else one line naming both."""
+    if name in known:
         return
     p = Path(name)
     if p.suffix.lower() in (".jsonl", ".ndjson"):
         if not p.is_file():
-            raise FileNotFoundError(f"ICL dataset file not found: {p}")
+            raise FileNotFoundError(f"{what} dataset file not found: {p}")
         return
-    raise UsageError(f"unknown ICL dataset {name!r}; valid: {', '.join(ICL_DATASETS)} or a .jsonl file "
-                     "with text/label fields")
+    raise UsageError(f"unknown {what} dataset {name!r}; valid: {', '.join(known)} or a .jsonl file with {fields} fields")
+
+
+def check_icl_dataset_name(name: str) -> None:
+    _check_dataset_name(name, ICL_DATASETS, "ICL", "text/label")
 
 
 # =============================================================================================
@@ -281,26 +286,12 @@ def load_grounded_dataset(name: str, seed: int = 0, qa_docs: int = 3) -> Grounde
 
 
 def check_grounded_dataset_name(name: str) -> None:
-    if name in HALLUCINATION_DATASETS:
-        return
-    p = Path(name)
-    if p.suffix.lower() in (".jsonl", ".ndjson"):
-        if not p.is_file():
-            raise FileNotFoundError(f"hallucination dataset file not found: {p}")
-        return
-    raise UsageError(f"unknown hallucination dataset {name!r}; valid: {', '.join(HALLUCINATION_DATASETS)} or a "
-                     ".jsonl file with source/reference fields")
+    _check_dataset_name(name, HALLUCINATION_DATASETS, "hallucination", "source/reference")
 
 
 def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
     rows = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    for n, rec in jsonl_records(_read_text(path), path):
         if not isinstance(rec, dict) or any(k not in rec for k in required):
             raise ValueError(f"{path} line {n}: needs the fields {', '.join(required)}")
         rows.append(rec)

@@ -25,11 +25,10 @@ available offline, so this task substitutes (a deviation, stated in every output
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 
-from .common import (TaskOptions, TaskResult, UsageError, check_int, finish, markdown_table, mean, new_figure, opt,
-                     seed_everything, seeded)
+from .common import (start_task, TaskOptions, TaskResult, UsageError, check_int, finish, markdown_table, mean, new_figure, opt,
+                     seeded)
 from .datasets import (HALLUCINATION_DATASETS, DatasetUnavailable, GroundedDataset, check_grounded_dataset_name,
                        load_grounded_dataset)
 
@@ -266,9 +265,7 @@ def run_dataset(adapter, tokenizer, ds: GroundedDataset, options: HallucinationO
 
 def run_hallucination(adapter, tokenizer, options: HallucinationOptions, out_dir=None) -> dict:
     """Unsupported-content rate (judge-free proxy) and reference overlap per dataset."""
-    started = time.time()
-    options.check_model(adapter)
-    seed_everything(options.seed)
+    started = start_task(adapter, options)
     results, notes = [], [PROXY_NOTE]
     for name in options.datasets:
         try:

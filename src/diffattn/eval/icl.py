@@ -30,14 +30,13 @@ Each example's text is cut to ``max_text_tokens`` tokens so that many shots fit 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .common import (TaskOptions, TaskResult, UsageError, check_int, finish, markdown_table, mean, new_figure, opt,
-                     seed_everything, seeded, std)
+from .common import (start_task, TaskOptions, TaskResult, UsageError, check_int, finish, markdown_table, mean, new_figure, opt,
+                     seeded, std)
 from .datasets import (ICL_DATASETS, DatasetUnavailable, ICLDataset, check_icl_dataset_name, load_icl_dataset)
 
 ARRANGEMENTS = ("random", "grouped", "alternating")
@@ -284,9 +283,7 @@ def run_dataset(adapter, tokenizer, ds: ICLDataset, options: IclOptions) -> dict
 
 def run_icl(adapter, tokenizer, options: IclOptions, out_dir=None) -> dict:
     """Accuracy vs number of demonstrations (+ order robustness) for each dataset."""
-    started = time.time()
-    options.check_model(adapter)
-    seed_everything(options.seed)
+    started = start_task(adapter, options)
     results, notes = [], []
     for name in options.datasets:
         try:

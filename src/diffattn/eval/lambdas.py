@@ -14,11 +14,9 @@ A model without any such layer (a standard Transformer) is an error: there is no
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from .common import (integer_xaxis, TaskOptions, TaskResult, UsageError, check_int, finish, markdown_table, new_figure, opt,
-                     seed_everything)
+from .common import (start_task, integer_xaxis, TaskOptions, TaskResult, UsageError, check_int, finish, markdown_table, new_figure, opt)
 from .datasets import load_corpus
 from .ppl import corpus_stream, window_batches
 
@@ -46,9 +44,7 @@ class LambdaOptions(TaskOptions):
 
 def run_lambda(adapter, tokenizer, options: LambdaOptions, out_dir=None) -> dict:
     """λ per layer (and head, for V2), table and plot against depth."""
-    started = time.time()
-    options.check_model(adapter)
-    seed_everything(options.seed)
+    started = start_task(adapter, options)
     batches = []
     data_info = None
     if adapter.needs_lambda_data():

@@ -35,12 +35,11 @@ Prompt (token ids of the model's own tokenizer; the tokenizer's BOS, if any, fir
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .common import (TaskOptions, TaskResult, UsageError, check_choice, check_int, finish, markdown_table,
-                     mean, new_figure, opt, parse_nr, seed_everything, seeded)
+from .common import (start_task, TaskOptions, TaskResult, UsageError, check_choice, check_int, finish, markdown_table,
+                     mean, new_figure, opt, parse_nr, seeded)
 from .datasets import load_corpus
 
 INTRO = ("There is a special magic number inside a lot of irrelevant text. Find it and memorize them. "
@@ -346,9 +345,7 @@ def heatmaps(cells: list[dict], title: str):
 
 def run_needle(adapter, tokenizer, options: NeedleOptions, out_dir=None) -> dict:
     """Multi-needle retrieval over the (N/R, length, depth) grid; heat-map per N/R."""
-    started = time.time()
-    options.check_model(adapter)
-    seed_everything(options.seed)
+    started = start_task(adapter, options)
     corpus = load_corpus(options.data, tokenizer)
     gen = NeedleGenerator(tokenizer, corpus.texts())
     nr = parse_nr(options.nr)

@@ -19,13 +19,11 @@ pooled logits of 0.4M tokens do not fit in memory. Plots: the per-layer maxima.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 
-from .common import (integer_xaxis, TaskOptions, TaskResult, UsageError, check_int, finish, markdown_table, new_figure, opt,
-                     seed_everything)
+from .common import (require_text_and_context, start_task, integer_xaxis, TaskOptions, TaskResult, check_int, finish, markdown_table, new_figure, opt)
 from .datasets import load_corpus
 from .ppl import corpus_stream, window_batches
 
@@ -96,10 +94,7 @@ class OutliersOptions(TaskOptions):
         check_int("batch_size", self.batch_size, 1)
 
     def check_model(self, adapter):
-        if self.data is None:
-            raise UsageError("--data is required: held-out text (a shard dir, text file/dir, .jsonl, source name)")
-        if self.seq_len is not None and self.seq_len > adapter.max_len:
-            raise UsageError(f"--seq-len {self.seq_len} is above the model's context ({adapter.max_len} tokens)")
+        require_text_and_context(self, adapter)
 
 
 def collect_stats(adapter, batches, exclude_masked: bool = True) -> dict:
@@ -148,9 +143,7 @@ def collect_stats(adapter, batches, exclude_masked: bool = True) -> dict:
 
 def run_outliers(adapter, tokenizer, options: OutliersOptions, out_dir=None) -> dict:
     """Top-k and median of |attention logits| and |hidden states| (Table 5 layout)."""
-    started = time.time()
-    options.check_model(adapter)
-    seed_everything(options.seed)
+    started = start_task(adapter, options)
     seq_len = options.seq_len or min(adapter.max_len, 2048)
     corpus = load_corpus(options.data, tokenizer)
     _, stream = corpus_stream(corpus, tokenizer)

@@ -19,15 +19,14 @@ and never scored, so models with and without a BOS are scored on the same text t
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .common import (TaskOptions, TaskResult, UsageError, check_choice, check_int, finish, markdown_table,
-                     new_figure, opt, seed_everything, seeded)
+from .common import (require_text_and_context, start_task, TaskOptions, TaskResult, UsageError, check_choice, check_int, finish, markdown_table,
+                     new_figure, opt, seeded)
 from .datasets import load_corpus, stream_tokens
 
 POSITION_SOURCES = ("auto", "documents", "stream")
@@ -53,10 +52,7 @@ class PplOptions(TaskOptions):
         check_int("max_docs", self.max_docs, 1)
 
     def check_model(self, adapter):
-        if self.data is None:
-            raise UsageError("--data is required: held-out text (a shard dir, text file/dir, .jsonl, or source name)")
-        if self.seq_len is not None and self.seq_len > adapter.max_len:
-            raise UsageError(f"--seq-len {self.seq_len} is above the model's context ({adapter.max_len} tokens)")
+        require_text_and_context(self, adapter)
 
 
 # --------------------------------------------------------------------------- reusable pieces
@@ -111,9 +107,7 @@ def corpus_stream(corpus, tokenizer) -> tuple[list[list[int]], list[int]]:
 
 def run_ppl(adapter, tokenizer, options: PplOptions, out_dir=None) -> dict:
     """Validation perplexity + cumulative NLL by position; writes results into ``out_dir`` (if given)."""
-    started = time.time()
-    options.check_model(adapter)
-    seed_everything(options.seed)
+    started = start_task(adapter, options)
     seq_len = options.seq_len or adapter.max_len
     prefix = tokenizer.prefix_ids
     width = seq_len - len(prefix)

@@ -23,13 +23,12 @@ text (``loss_tokens``), and multi-needle accuracy (``needle_*`` options, see ``n
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 
-from .common import (TaskOptions, TaskResult, UsageError, check_choice, check_int, finish, markdown_table, new_figure,
-                     opt, parse_nr, seed_everything)
+from .common import (start_task, TaskOptions, TaskResult, UsageError, check_choice, check_int, finish, markdown_table, new_figure,
+                     opt, parse_nr)
 from .datasets import load_corpus
 from .needle import DEPTHS, MATCH_MODES, NeedleGenerator, auto_lengths, evaluate_needles, summarise_cells
 from .ppl import corpus_stream, mean_nll
@@ -113,9 +112,7 @@ def quantizer(bits: int, granularity: str):
 
 def run_quant(adapter, tokenizer, options: QuantOptions, out_dir=None) -> dict:
     """Validation loss and needle accuracy with k-bit attention logits."""
-    started = time.time()
-    options.check_model(adapter)
-    seed_everything(options.seed)
+    started = start_task(adapter, options)
     corpus = load_corpus(options.data, tokenizer)
     _, stream = corpus_stream(corpus, tokenizer)
     seq_len = options.seq_len or adapter.max_len

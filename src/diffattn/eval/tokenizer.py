@@ -15,6 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
+from ..fsutil import sha256_file
+
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|im_end|>", "[EOS]", "<|end|>")
 
 
@@ -39,13 +41,13 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(p))
         except Exception as e:  # tokenizers raises its own exception type
             raise ValueError(f"{p}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else e})") from None
-        return cls(tok, source=str(p.resolve()), file_sha256=_sha256(p))
+        return cls(tok, source=str(p.resolve()), file_sha256=sha256_file(p))
 
     @classmethod
     def from_hf(cls, tok, source: str | None = None) -> "TextTokenizer":
         sha = None
         if source and (Path(source) / "tokenizer.json").is_file():
-            sha = _sha256(Path(source) / "tokenizer.json")
+            sha = sha256_file(Path(source) / "tokenizer.json")
         return cls(tok, source=source, file_sha256=sha)
 
     # ------------------------------------------------------------------ encoding
@@ -148,14 +150,6 @@ def _is_raw(backend) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(backend, Tokenizer)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) -> TextTokenizer:

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from .. import variants
+from ..utils.options import parse_set
 from .presets import SAME_HEADS
 
 
 def _override(item: str) -> tuple[str, object]:
-    if "=" not in item:
-        raise ValueError(f"--set {item!r} is not TABLE.KEY=VALUE")
-    key, raw = item.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
+    return parse_set(item, example="train.max_steps=50")
 
 
 def run_compare_cli(args: argparse.Namespace) -> int:
@@ -47,8 +40,8 @@ def run_report_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_compare_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("compare", help="train every variant parameter-matched on the same data, evaluate, report",
+def add_compare_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser("compare", help=help,
                        description="A parameter-matched comparison study of the differential-attention family "
                                    "(configs/compare-*.toml). Re-running with the same --out resumes.")
     p.add_argument("--preset", default="cpu-tiny", help="preset name (configs/compare-NAME.toml) or a .toml file")
@@ -63,8 +56,8 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def add_report_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("report", help="regenerate a compare report from its results.json",
+def add_report_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser("report", help=help,
                        description="Re-render REPORT.md (or a self-contained REPORT.html) of a compare output dir.")
     p.add_argument("dir", help="a `diffattn compare` output directory")
     p.add_argument("--format", choices=["md", "html"], default="md")

@@ -13,7 +13,6 @@ arguments. The Markdown table is what ``docs/results/init.md`` commits.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time

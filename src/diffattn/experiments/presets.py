@@ -12,12 +12,12 @@ A preset file has these tables (every one documented in the shipped files under 
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import presets as model_presets
+from ..utils.options import read_toml
 from .. import variants as variant_registry
 from ..config import ModelConfig, variant_fields
 
@@ -167,10 +167,7 @@ def preset_path(name_or_path: str) -> Path:
 
 def load_study(name_or_path: str, overrides: dict[str, Any] | None = None) -> StudyConfig:
     path = preset_path(name_or_path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: invalid TOML ({e})") from None
+    data = read_toml(path)
     for dotted, value in (overrides or {}).items():
         table, _, key = dotted.rpartition(".")
         if not table:

@@ -43,9 +43,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "export", help="export a checkpoint to a stock transformers model (DiffLlama / Llama)",
+        "export", help=help,
         description="Convert a diffattn checkpoint directory into one that stock transformers loads without "
                     "diffattn: diff_v1 -> DiffLlamaForCausalLM (--to diffllama), standard -> LlamaForCausalLM "
                     "(--to llama). The mapping is exact (row permutations, norm gain folded into o_proj); what "

@@ -21,9 +21,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "import", help="import a transformers DiffLlama / Llama model as a diffattn checkpoint",
+        "import", help=help,
         description="Convert a local Hugging Face model directory (safetensors) into a diffattn checkpoint: "
                     "DiffLlamaForCausalLM -> diff_v1, LlamaForCausalLM -> standard. The mapping is exact; "
                     "unsupported features (rotary scaling, biases, non-SiLU activations, unpaired heads) are "

@@ -41,8 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -50,14 +48,15 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..fsutil import read_json, replace_dir
+from ..fsutil import atomic_directory, read_json
+from ..utils.runtime import DTYPES as RUNTIME_DTYPES
 from ..checkpoint import WEIGHT_PREFIX, read_config
 from ..config import ModelConfig, lambda_init_for_depth
 from ..model import DecoderLM, build_model
 from .tokenizer import copy_tokenizer, special_token_ids
 
 EXPORT_TARGETS = ("diffllama", "llama")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: RUNTIME_DTYPES[name] for name in ("float32", "bfloat16", "float16")}  # utils.runtime's long names
 VERIFY_RTOL = 1e-4  # max |Δlogit| allowed, relative to max(1, max |logit|), in float32
 
 
@@ -220,33 +219,54 @@ _BLOCK = {  # ours (inside layers.i.) -> theirs (inside model.layers.i.), same t
 _LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 
+def _layout(cfg: ModelConfig):
+    """The one name-and-layout table of both directions: (ours, theirs, to_hf, from_hf) per tensor of one
+    layer, after the plain renames of ``_BLOCK``. Identity entries are ``None``."""
+    h, hkv, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    if cfg.attention == "standard":  # interleaved rotary -> HF's half-split rotary (rows permuted)
+        return [("attn.q_proj.weight", "self_attn.q_proj.weight", lambda w: rope_to_hf(w, h, d),
+                 lambda w: rope_from_hf(w, h, d)),
+                ("attn.k_proj.weight", "self_attn.k_proj.weight", lambda w: rope_to_hf(w, hkv, d),
+                 lambda w: rope_from_hf(w, hkv, d))]
+    return [("attn.q_proj.weight", "self_attn.q_proj.weight", lambda w: diff_qk_to_hf(w, h, d),
+             lambda w: diff_qk_from_hf(w, h, d)),
+            ("attn.k_proj.weight", "self_attn.k_proj.weight", lambda w: diff_qk_to_hf(w, hkv, d),
+             lambda w: diff_qk_from_hf(w, hkv, d)),
+            ("attn.v_proj.weight", "self_attn.v_proj.weight", lambda w: diff_v_to_hf(w, hkv, d),
+             lambda w: diff_v_from_hf(w, hkv, d)),
+            *[("attn." + n, "self_attn." + n, None, lambda w: w.float()) for n in _LAMBDAS]]
+
+
+def _convert_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, *, to_hf: bool) -> dict[str, torch.Tensor]:
+    """Rename (and re-lay-out) every tensor one way; ``_layout`` is the table both directions read."""
+    top = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not cfg.tie_embeddings:
+        top["lm_head.weight"] = "lm_head.weight"
+    pairs = [(ours, theirs) if to_hf else (theirs, ours) for ours, theirs in top.items()]
+    out = {dst: tensors[src] for src, dst in pairs}
+    layout = _layout(cfg)
+    for i in range(cfg.n_layer):
+        ours_pre, theirs_pre = f"layers.{i}.", f"model.layers.{i}."
+        src_pre, dst_pre = (ours_pre, theirs_pre) if to_hf else (theirs_pre, ours_pre)
+        for ours, theirs in _BLOCK.items():
+            out[dst_pre + (theirs if to_hf else ours)] = tensors[src_pre + (ours if to_hf else theirs)]
+        for ours, theirs, fwd, back in layout:
+            fn = fwd if to_hf else back
+            src, dst = (ours, theirs) if to_hf else (theirs, ours)
+            w = tensors[src_pre + src]
+            out[dst_pre + dst] = fn(w) if fn is not None else w
+        gain = tensors.get(ours_pre + "attn.head_norm.weight") if to_hf else None
+        if gain is not None:  # fold the per-head norm gain into the o_proj columns (exact)
+            o = out[dst_pre + "self_attn.o_proj.weight"]
+            out[dst_pre + "self_attn.o_proj.weight"] = (
+                o.double() * gain.double().repeat(cfg.n_head)[None, :]).to(o.dtype).contiguous()
+    return out
+
+
 def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """DecoderLM state dict -> DiffLlama (diff_v1) or Llama (standard) state dict."""
     check_exportable(cfg, "diffllama" if cfg.attention == "diff_v1" else "llama")
-    h, hkv, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
-    for i in range(cfg.n_layer):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        for ours, theirs in _BLOCK.items():
-            out[dst + theirs] = state[src + ours]
-        q, k = state[src + "attn.q_proj.weight"], state[src + "attn.k_proj.weight"]
-        if cfg.attention == "standard":
-            out[dst + "self_attn.q_proj.weight"] = rope_to_hf(q, h, d)
-            out[dst + "self_attn.k_proj.weight"] = rope_to_hf(k, hkv, d)
-            continue
-        out[dst + "self_attn.q_proj.weight"] = diff_qk_to_hf(q, h, d)
-        out[dst + "self_attn.k_proj.weight"] = diff_qk_to_hf(k, hkv, d)
-        out[dst + "self_attn.v_proj.weight"] = diff_v_to_hf(state[src + "attn.v_proj.weight"], hkv, d)
-        o = state[src + "attn.o_proj.weight"]
-        gain = state.get(src + "attn.head_norm.weight")
-        if gain is not None:  # fold the per-head norm gain into the o_proj columns (exact)
-            o = (o.double() * gain.double().repeat(h)[None, :]).to(o.dtype)
-        out[dst + "self_attn.o_proj.weight"] = o.contiguous()
-        for name in _LAMBDAS:
-            out[dst + "self_attn." + name] = state[src + "attn." + name]
-    return out
+    return _convert_state(state, cfg, to_hf=True)
 
 
 def hf_expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -278,25 +298,7 @@ def from_hf_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: st
         if tuple(tensors[k].shape) != shape:
             raise ConversionError(f"{source}: tensor {k!r} has shape {list(tensors[k].shape)} but config.json "
                                   f"implies {list(shape)}")
-    h, hkv, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    out = {"embed.weight": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = tensors["lm_head.weight"]
-    for i in range(cfg.n_layer):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        for ours, theirs in _BLOCK.items():
-            out[dst + ours] = tensors[src + theirs]
-        q, k = tensors[src + "self_attn.q_proj.weight"], tensors[src + "self_attn.k_proj.weight"]
-        if cfg.attention == "standard":
-            out[dst + "attn.q_proj.weight"] = rope_from_hf(q, h, d)
-            out[dst + "attn.k_proj.weight"] = rope_from_hf(k, hkv, d)
-            continue
-        out[dst + "attn.q_proj.weight"] = diff_qk_from_hf(q, h, d)
-        out[dst + "attn.k_proj.weight"] = diff_qk_from_hf(k, hkv, d)
-        out[dst + "attn.v_proj.weight"] = diff_v_from_hf(tensors[src + "self_attn.v_proj.weight"], hkv, d)
-        for name in _LAMBDAS:
-            out[dst + "attn." + name] = tensors[src + "self_attn." + name].float()
-    return out
+    return _convert_state(tensors, cfg, to_hf=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,19 +347,9 @@ def _prepare_dst(src: Path, dst: Path, overwrite: bool) -> None:
             raise ValueError(f"DST {dst} exists and is not empty (pass --overwrite to replace it)")
 
 
-def _commit_dir(tmp: Path, dst: Path) -> None:
-    replace_dir(tmp, dst)
-
-
 def _with_tmp_dir(dst: Path, write: Callable[[Path], None]) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_directory(dst) as tmp:
         write(tmp)
-        _commit_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

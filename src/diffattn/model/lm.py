@@ -48,7 +48,8 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.init_weights()
+        if not self.embed.weight.is_meta:  # a shapes-only model (torch.device("meta")) has no values to set
+            self.init_weights()
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()

@@ -30,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, WEIGHT_PREFIX, read_config, save_model
 from ..config import ModelConfig
-from ..fsutil import read_json
+from ..fsutil import make_tempdir, read_json, replace_dir
 from ..model import build_model
 from ..utils.errors import CorruptFileError, RunError
 from ..utils.integrity import verify_checksums, write_checksums
@@ -149,19 +148,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- the writer
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(out: str | os.PathLike, step: int, *, model_config: ModelConfig,
                     model_state: dict[str, torch.Tensor], optimizer_state: dict, train_state: dict,
                     tokenizer_file: str | os.PathLike | None = None, keep: int | None = None) -> Path:
@@ -187,7 +173,7 @@ def save_checkpoint(out: str | os.PathLike, step: int, *, model_config: ModelCon
 def _save_checkpoint(root: Path, final: Path, step: int, *, model_config, model_state, optimizer_state,
                      train_state, tokenizer_file, keep) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    tmp = make_tempdir(root, final.name)
     try:
         with torch.device("meta"):
             shell = build_model(model_config)
@@ -200,20 +186,10 @@ def _save_checkpoint(root: Path, final: Path, step: int, *, model_config, model_
         checkpoint_write_point("optimizer-written", step)
         state = {"format": STATE_FORMAT, **train_state, "step": step, "optimizer": optim_meta}
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
-        for name in (STATE_TENSORS, STATE_JSON):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
         checkpoint_write_point("state-written", step)
         write_checksums(tmp)  # last: it vouches for every byte above
         checkpoint_write_point("before-rename", step)
-        if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
-            old = root / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
+        replace_dir(tmp, final)  # fsyncs every file; re-saving a step moves the old one aside first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -239,14 +215,7 @@ def remove_stale_temporaries(out: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------- reading
 def read_train_state(path: str | os.PathLike) -> dict:
     """The ``train_state.json`` of a checkpoint directory (validated format)."""
-    path = Path(path) / STATE_JSON
-    try:
-        state = read_json(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing (not a training checkpoint)") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: format is not {STATE_FORMAT!r}")
-    return state
+    return read_json(Path(path) / STATE_JSON, format=STATE_FORMAT, missing="missing (not a training checkpoint)")
 
 
 def verify_checkpoint(path: str | os.PathLike) -> bool:

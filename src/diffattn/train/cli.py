@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "train", help="train a model (TOML run file, --set overrides, --resume, torchrun DDP/FSDP2)",
+        "train", help=help,
         description="Train a decoder LM on token shards. The run file has a [model] table (ModelConfig fields, or "
                     "preset = NAME with attention = VARIANT) and a [train] table (TrainConfig fields, including "
                     "data = SHARD_DIR and out = RUN_DIR). Multi-process: torchrun --nproc-per-node N -m diffattn "

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from .. import presets
 from ..config import ModelConfig
+from ..utils.options import parse_set, parse_value, read_toml  # noqa: F401 (parse_value: re-exported)
 
 SCHEDULES = ("cosine", "linear", "constant")
 PARALLEL = ("ddp", "fsdp")
@@ -252,24 +251,10 @@ _MODEL_FIELDS = [f.name for f in fields(ModelConfig)]
 _TRAIN_FIELDS = [f.name for f in fields(TrainConfig)] + ["recipe"]
 
 
-def parse_value(raw: str) -> Any:
-    """A ``--set`` value: a TOML scalar (``1e-3``, ``true``, ``"x"``, ``[1, 2]``), else JSON, else the bare string."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        pass
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
 def apply_overrides(tables: dict[str, dict[str, Any]], overrides: list[str]) -> None:
     """Apply ``--set`` items (``train.lr=1e-3``, ``model.n_layer=4``, ``parallel=fsdp``) in place."""
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value (e.g. train.lr=1e-3)")
-        key, raw = (s.strip() for s in item.split("=", 1))
+        key, value = parse_set(item)
         if "." in key:
             table, name = key.split(".", 1)
             if table not in ("model", "train"):
@@ -281,7 +266,7 @@ def apply_overrides(tables: dict[str, dict[str, Any]], overrides: list[str]) -> 
                 raise ValueError(f"--set {item!r}: {key!r} is a field of {where} [model] and [train]; "
                                  f"write model.{key} or train.{key}")
             table, name = ("train" if in_train else "model"), key
-        tables.setdefault(table, {})[name] = parse_value(raw)
+        tables.setdefault(table, {})[name] = value
 
 
 def load_run_file(path: str | Path | None, overrides: list[str] = ()) -> dict[str, dict[str, Any]]:
@@ -289,15 +274,7 @@ def load_run_file(path: str | Path | None, overrides: list[str] = ()) -> dict[st
     tables: dict[str, dict[str, Any]] = {}
     if path is not None:
         path = Path(path)
-        try:
-            with open(path, "rb") as fh:
-                raw = tomllib.load(fh)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except IsADirectoryError:
-            raise IsADirectoryError(f"config path is a directory, not a TOML file: {path}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        raw = read_toml(path)
         _check_keys(f"{path}", raw, ["model", "train"])
         for name, table in raw.items():
             if not isinstance(table, dict):

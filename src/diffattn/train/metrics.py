@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..fsutil import write_text_atomic
 from torch import nn
 
 from ..config import ModelConfig
@@ -128,9 +130,7 @@ def truncate_after(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a line torn by a crash
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(out: str | os.PathLike, kind: str | None = None) -> list[dict]:

@@ -40,6 +40,7 @@ from ..config import ModelConfig
 from ..data.loader import TokenShards, WindowSampler, eval_batches, n_eval_windows
 from ..model import build_model
 from . import distributed as D
+from ..fsutil import write_text_atomic
 from ..checkpoint import read_config
 from ..utils.lock import DirLock
 from .checkpoint import (latest_checkpoint, latest_intact_checkpoint, load_checkpoint, read_train_state,
@@ -479,9 +480,7 @@ class Trainer:
                   "device": str(self.device), "autocast": str(self.autocast_dtype) if self.autocast_dtype else None,
                   "params": self.n_params,
                   "diffattn_version": __version__, "torch_version": torch.__version__}
-        tmp = self.out / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, self.out / RUN_FILE)
+        write_text_atomic(self.out / RUN_FILE, json.dumps(record, indent=1) + "\n")
 
     def close(self) -> None:
         """Release the model, optimizer and process group (under torchrun: call on every rank).

@@ -11,24 +11,15 @@ naming the first file that is missing, truncated or changed. Format::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
+from ..fsutil import sha256_file  # noqa: F401 (the one file hasher; re-exported here)
 from .errors import CorruptFileError
 
 CHECKSUMS_NAME = "checksums.json"
 CHECKSUMS_FORMAT = "diffattn-checksums-v1"
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_checksums(directory: str | os.PathLike, names: list[str] | None = None) -> Path:
