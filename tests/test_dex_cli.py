@@ -117,7 +117,7 @@ def test_training_lowers_validation_loss_and_trains_only_the_adapter(tiny_base, 
     apply_dex(model, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, DEXOptions(anneal_steps=10))
     data = AdaptationData(shards, seq_len=16, batch_size=4, seed=0, bos_id=None)
     summary = train_adapter(model, data, TrainSettings(steps=25, lr=0.05, val_tokens=256), progress=False,
-                            metrics_path=tmp_path / "m.jsonl")
+                            metrics_dir=tmp_path / "m")
     assert summary["val_after"]["val_loss"] < summary["val_before"]["val_loss"] - 0.1
     assert summary["trainable_params"] == 2 * (8 * 8 + 1)
     after = model.state_dict()

@@ -49,7 +49,7 @@ def finished(corpus, tmp_path_factory):
     """A finished 6-step run with checkpoints at steps 2, 4 and 6."""
     d = tmp_path_factory.mktemp("finished")
     plan = plan_run(load_run_file(config(d, corpus)))
-    trainer = Trainer(plan.model_config, plan.train_config)
+    trainer = Trainer(plan)
     trainer.fit()
     trainer.close()
     assert [s for s, _ in list_checkpoints(d / "out")] == [2, 4, 6]
@@ -147,7 +147,7 @@ def test_corrupt_shard_index_is_named(damage, corpus, tmp_path, capsys):
 # ---------------------------------------------------------------------- numerical faults
 def test_nonfinite_step_is_skipped_without_changing_anything(corpus, tmp_path, monkeypatch):
     plan = plan_run(load_run_file(config(tmp_path, corpus)))
-    trainer = Trainer(plan.model_config, plan.train_config)
+    trainer = Trainer(plan)
     trainer.train_step(0)
     before = {k: v.clone() for k, v in trainer.raw.state_dict().items()}
     opt_before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizer.state.items()}
@@ -175,7 +175,7 @@ def test_skipped_steps_are_counted_logged_and_resume_exactly(corpus, tmp_path, m
     assert json.loads((latest_checkpoint(tmp_path / "out") / "train_state.json").read_text())["skipped_steps"] == 2
     # the same run without interruption gives the same weights (skipping is deterministic)
     plan = plan_run(load_run_file(config(tmp_path, corpus, "straight", max_skipped_steps=2)))
-    trainer = Trainer(plan.model_config, plan.train_config)
+    trainer = Trainer(plan)
     trainer.fit()
     trainer.close()
     _, a, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "out"))
@@ -200,7 +200,7 @@ def test_too_many_nonfinite_steps_stop_the_run_keeping_the_last_checkpoint(corpu
 def test_lambda_and_grad_norm_explosions_are_reported(corpus, tmp_path):
     plan = plan_run(load_run_file(config(tmp_path, corpus, max_steps=14, checkpoint_every=0, lambda_alarm=1e-6,
                                          grad_spike_factor=0.5)))
-    trainer = Trainer(plan.model_config, plan.train_config)
+    trainer = Trainer(plan)
     with pytest.warns(TrainingAlarm) as caught:
         trainer.fit()
     trainer.close()

@@ -94,7 +94,7 @@ def straight(corpus, tmp_path_factory):
     d = tmp_path_factory.mktemp("straight")
     tables = load_run_file(write_config(d / "run.toml", corpus, d / "out", max_steps=20))
     plan = plan_run(tables)
-    trainer = Trainer(plan.model_config, plan.train_config)
+    trainer = Trainer(plan)
     trainer.fit()
     return trainer, d / "out"
 
@@ -290,11 +290,11 @@ def test_graceful_stop_on_sigint_then_resume(straight, corpus, tmp_path):
             return result
 
     plan = plan_run(tables)
-    summary = Interrupted(plan.model_config, plan.train_config).fit()
+    summary = Interrupted(plan).fit()
     assert summary["step"] == 7 and not summary["finished"]
     assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [7]
     plan = plan_run(tables, resume=True)
-    trainer = Trainer(plan.model_config, plan.train_config, resume_from=plan.resume_from)
+    trainer = Trainer(plan)
     assert trainer.fit()["finished"]
     for k, v in ref.raw.state_dict().items():
         assert torch.equal(trainer.raw.state_dict()[k], v), k
@@ -348,8 +348,8 @@ def test_ctrl_c_on_the_command_line_saves_and_exits_130(corpus, tmp_path):
 def test_activation_checkpointing_gives_the_same_step(corpus, tmp_path):
     tables = load_run_file(write_config(tmp_path / "r.toml", corpus, tmp_path / "o", max_steps=5), ["grad_accum=2"])
     plan = plan_run(tables)
-    a = Trainer(plan.model_config, plan.train_config)
-    b = Trainer(plan.model_config, plan.train_config.replace(activation_checkpointing=True))
+    a = Trainer(plan)
+    b = Trainer(plan.with_train(activation_checkpointing=True))
     for step in range(2):
         ra, rb = a.train_step(step), b.train_step(step)
         assert torch.equal(ra.loss, rb.loss) and torch.equal(ra.grad_norm, rb.grad_norm)
@@ -460,8 +460,8 @@ def test_compiled_training_matches_eager(corpus, tmp_path):
     """torch.compile (per block) and activation checkpointing change the numerics at most slightly."""
     tables = load_run_file(write_config(tmp_path / "r.toml", corpus, tmp_path / "o", max_steps=3))
     plan = plan_run(tables)
-    eager = Trainer(plan.model_config, plan.train_config)
-    compiled = Trainer(plan.model_config, plan.train_config.replace(compile=True, activation_checkpointing=True))
+    eager = Trainer(plan)
+    compiled = Trainer(plan.with_train(compile=True, activation_checkpointing=True))
     for step in range(3):
         a, b = eager.train_step(step), compiled.train_step(step)
         torch.testing.assert_close(a.loss, b.loss, rtol=1e-4, atol=1e-5)

@@ -105,7 +105,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(setup):
     try:
         plan = plan_run(load_run_file(write_config(root / "to1.toml", corpus, out, grad_accum=2, **COMMON)),
                         resume=True, world_size=1)
-        Trainer(plan.model_config, plan.train_config, resume_from=plan.resume_from).fit()
+        Trainer(plan).fit()
     finally:
         torch.set_num_threads(n)
     assert_same_weights(ckpt(root / "single", STEPS), ckpt(out, STEPS))

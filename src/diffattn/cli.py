@@ -19,7 +19,8 @@ from .utils.errors import RunError, UsageError  # noqa: F401  (UsageError: re-ex
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE}
 
-# subcommand -> ("module" providing add_parser(subparsers, help) or "module:function", one-line help).
+# subcommand -> (where it lives, one-line help). "module" provides DESCRIPTION (and optionally EPILOG) and
+# add_arguments(parser); "module:name" provides NAME_DESCRIPTION and add_name_arguments (two commands, one module).
 # Only the chosen command's module is imported: `diffattn --help` and start-up stay fast (no torch to list them).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("diffattn.info", "show a resolved model configuration and its parameter counts"),
@@ -31,9 +32,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("diffattn.train.cli", "train a model (TOML run file, --set overrides, --resume, torchrun DDP/FSDP2)"),
     "bench": ("diffattn.bench.cli", "benchmark the variants against the standard baseline"),
     "adapt": ("diffattn.dex.cli", "adapt a pretrained LLM with differential attention (DEX)"),
-    "compare": ("diffattn.experiments.cli:add_compare_parser",
+    "compare": ("diffattn.experiments.cli:compare",
                 "train every variant parameter-matched on the same data, evaluate, report"),
-    "report": ("diffattn.experiments.cli:add_report_parser", "regenerate a compare report from its results.json"),
+    "report": ("diffattn.experiments.cli:report", "regenerate a compare report from its results.json"),
 }
 
 
@@ -56,8 +57,11 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     for name, entry in SUBCOMMANDS.items():
         target, help_ = (entry, None) if isinstance(entry, str) else entry
         if command == "*" or name == command:
-            module, _, func = target.partition(":")  # "module" or "module:function" (default add_parser)
-            getattr(importlib.import_module(module), func or "add_parser")(sub, help=help_)
+            module, _, part = target.partition(":")
+            mod, pre = importlib.import_module(module), f"{part.upper()}_" if part else ""
+            p = sub.add_parser(name, help=help_, description=getattr(mod, f"{pre}DESCRIPTION", None),
+                               epilog=getattr(mod, f"{pre}EPILOG", None))
+            getattr(mod, f"add_{part}_arguments" if part else "add_arguments")(p)
         else:
             sub.add_parser(name, help=help_)
     return parser

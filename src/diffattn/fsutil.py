@@ -18,6 +18,20 @@ from pathlib import Path
 from typing import Iterator
 
 
+def file_in_dir(directory: str | os.PathLike, name: str, *, missing: str, not_dir: str, no_file: str) -> Path:
+    """``directory/name``, after checking that ``directory`` exists, is a directory and holds that file; else a
+    one-line FileNotFoundError / NotADirectoryError with the given message (``{dir}``, ``{path}`` filled in)."""
+    directory = Path(directory)
+    path = directory / name
+    if not directory.exists():
+        raise FileNotFoundError(missing.format(dir=directory, path=path))
+    if not directory.is_dir():
+        raise NotADirectoryError(not_dir.format(dir=directory, path=path))
+    if not path.is_file():
+        raise FileNotFoundError(no_file.format(dir=directory, path=path))
+    return path
+
+
 def read_json(path: str | os.PathLike, *, missing: str | None = None, format: str | None = None,
               format_error: str | None = None):
     """Parse a JSON file; malformed content raises ``ValueError("<path>: not valid JSON (...)")``.

@@ -96,9 +96,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser("generate", help=help,
-                       description="Decode a continuation of --prompt with the KV cache (greedy by default).")
+DESCRIPTION = ("Decode a continuation of --prompt with the KV cache (greedy by default).")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (diffattn checkpoint or Hugging Face causal LM)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -110,4 +111,3 @@ def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON with the completion and its token ids")
     p.set_defaults(func=run)
-    return p

@@ -53,14 +53,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser("info", help=help,
-                       description="Resolve a named preset (or a config.json) for one attention variant, "
-                                   "parameter-matched, and print the configuration and parameter counts.")
+DESCRIPTION = ("Resolve a named preset (or a config.json) for one attention variant, "
+               "parameter-matched, and print the configuration and parameter counts.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=list(presets.SIZES), help="named size (default: tiny)")
     p.add_argument("--config", help="a config.json (ModelConfig fields) instead of a preset")
     p.add_argument("--attention", choices=ATTENTION_VARIANTS, help="variant (parameter-matched to the preset)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
-    return p

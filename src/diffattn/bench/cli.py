@@ -53,9 +53,10 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
-def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help=help,
-                       description=__doc__.splitlines()[0])
+DESCRIPTION = (__doc__.splitlines()[0])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND")
     from . import attention, generate, train
 
@@ -72,7 +73,6 @@ def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
     _common(g, "generate")
     g.set_defaults(func=generate.run)
     p.set_defaults(func=_no_kind)
-    return p
 
 
 def _no_kind(args) -> int:

@@ -23,10 +23,10 @@ import sys
 from argparse import Namespace
 
 import torch
-import torch.nn.functional as F
 
 from .. import variants
 from ..model import build_model
+from ..model.loss import next_token_loss
 from ..model.attention import attention_class
 from . import common
 from .references import diffllama_config, use_authors_core
@@ -74,7 +74,7 @@ def build_row(args, shape: common.Shape, spec: dict):
         opt.zero_grad(set_to_none=True)
         with autocast:
             logits = forward(ids)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        loss = next_token_loss(logits, ids)
         loss.backward()
         opt.step()
 

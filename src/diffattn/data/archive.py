@@ -66,15 +66,7 @@ def _extract_tar(tf: tarfile.TarFile, root: str, archive: str) -> None:
                 raise UnsafeArchiveError(f"{archive}: link {m.name!r} points to an absolute path {m.linkname!r}")
         elif not (m.isfile() or m.isdir()):
             raise UnsafeArchiveError(f"{archive}: member {m.name!r} is a device file or FIFO")
-    for m in members:
-        rel = _check_name(m.name, archive)
-        if not rel.parts:
-            continue
-        dest = _target(root, rel, archive, m.name)
-        if m.isdir():
-            os.makedirs(dest, exist_ok=True)
-            continue
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+    for m, dest in _destinations(members, lambda m: m.name, lambda m: m.isdir(), root, archive):
         if m.issym():
             resolved = os.path.realpath(os.path.join(os.path.dirname(dest), m.linkname))
             if not _inside(resolved, root):
@@ -92,21 +84,28 @@ def _extract_tar(tf: tarfile.TarFile, root: str, archive: str) -> None:
             os.chmod(dest, 0o644 | (m.mode & 0o111))
 
 
+def _destinations(entries, name_of, is_dir, root: str, archive: str):
+    """(entry, destination path) of each file or link entry, in order, after the name checks; directories are
+    created on the way (tar and zip alike)."""
+    for entry in entries:
+        rel = _check_name(name_of(entry), archive)
+        if not rel.parts:
+            continue
+        dest = _target(root, rel, archive, name_of(entry))
+        if is_dir(entry):
+            os.makedirs(dest, exist_ok=True)
+            continue
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        yield entry, dest
+
+
 def _extract_zip(zf: zipfile.ZipFile, root: str, archive: str) -> None:
     infos = zf.infolist()
     for info in infos:
         _check_name(info.filename, archive)
         if stat.S_ISLNK(info.external_attr >> 16):
             raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a link (not supported in zip files)")
-    for info in infos:
-        rel = _check_name(info.filename, archive)
-        if not rel.parts:
-            continue
-        dest = _target(root, rel, archive, info.filename)
-        if info.is_dir():
-            os.makedirs(dest, exist_ok=True)
-            continue
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+    for info, dest in _destinations(infos, lambda i: i.filename, lambda i: i.is_dir(), root, archive):
         with zf.open(info) as src, open(dest, "wb") as out:
             shutil.copyfileobj(src, out)
 

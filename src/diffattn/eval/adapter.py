@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..fsutil import read_json
+from ..fsutil import file_in_dir, read_json
 from ..utils.errors import UsageError
 from ..utils.runtime import DTYPES, parse_dtype, resolve_device
 
@@ -204,12 +204,9 @@ def load_model_adapter(path: str | os.PathLike, *, device: str = "cpu", dtype: s
         return ad
     if p.is_file() and p.suffix == ".gguf":
         return _load_hf(p.parent, dev, dt, trust_remote_code, gguf_file=p.name, path=p)
-    if not p.is_dir():
-        raise NotADirectoryError(f"--model {p}: not a model directory")
-    cfg_path = p / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"--model {p}: no config.json (not a model directory)")
-    data = read_json(cfg_path)
+    data = read_json(file_in_dir(p, "config.json", missing="--model {dir}: no such directory",
+                                 not_dir="--model {dir}: not a model directory",
+                                 no_file="--model {dir}: no config.json (not a model directory)"))
     if data.get("model_type") == "diffattn":
         from ..checkpoint import load_model
         from .adapter_diffattn import DiffattnAdapter

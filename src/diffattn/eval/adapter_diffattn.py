@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from .. import variants
-from ..model.kernels import AttentionKernel
+from ..model.kernels import AttentionKernel, eager_attention
 from ..utils.errors import UsageError
 from .adapter import LayerMaps, ModelAdapter, ProbeSite, _json_sha256, _weights_sha256, collect_outputs
 
@@ -27,30 +27,8 @@ def probe_kernel(q, k, v, *, mask=None, is_causal=True, scale, need_weights=Fals
     ``hook(scores, allowed)`` sees the fp32 logits QKᵀ·scale (B, Hq, T, S) and the boolean "may
     attend" mask before the softmax and may return replacement logits (e.g. quantised ones).
     """
-    from ..model.layers import compute_dtype
-
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    acc = compute_dtype(q.dtype)
-    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, Hq, T, S)
-    t, s = scores.shape[-2:]
-    if mask is None:
-        allowed = torch.ones(t, s, dtype=torch.bool, device=q.device)
-        if is_causal:
-            allowed = allowed.tril(s - t)  # bottom-right aligned; = tril() for T == S
-        allowed = allowed[None, None]
-    else:
-        allowed = mask
-    if hook is not None:
-        new = hook(scores, allowed)
-        if new is not None:
-            scores = new
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs.to(v.dtype), v)
-    return out, (probs if need_weights else None)
+    return eager_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, need_weights=need_weights,
+                           logits_hook=hook)
 
 
 class ProbeKernel(AttentionKernel):

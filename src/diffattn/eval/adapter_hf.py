@@ -12,12 +12,13 @@ call is flagged as a duplicate for statistics. DEX wrappers report their λ thro
 from __future__ import annotations
 
 import json
-import math
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from ..model.attention import lambda_record
+from ..model.kernels import eager_attention
 from ..utils.errors import UsageError
 from .adapter import LayerMaps, ModelAdapter, ProbeSite, _json_sha256, _weights_sha256, collect_outputs
 
@@ -48,17 +49,9 @@ def _difflama_lambda(module) -> torch.Tensor:
 def _hf_probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: eager attention with the active probe on the logits."""
     fn, counters = _ACTIVE_PROBE[-1]
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:
-        key = key.repeat_interleave(n_rep, dim=1)
-        value = value.repeat_interleave(n_rep, dim=1)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # (B, Hq, T, S)
-    softcap = kwargs.get("softcap")
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    t, s = scores.shape[-2:]
+    t, s = query.shape[2], key.shape[2]
     if attention_mask is not None:
         m = attention_mask[..., :s]
         allowed = m > torch.finfo(m.dtype).min / 2 if m.dtype.is_floating_point else m.bool()
@@ -73,16 +66,20 @@ def _hf_probe_attention(module, query, key, value, attention_mask, scaling=None,
     comp, dup = None, False
     if _is_difflama(module):
         call %= 2
-        hq = scores.shape[1]
+        hq = query.shape[1]
         comp = (torch.arange(hq) >= hq // 2).long()  # DiffLlama: first half of the heads is map 1
         dup = call == 1  # same Q, K in both calls: identical logits
-    new = fn(ProbeSite(layer, call, comp, dup), scores, allowed)
-    if new is not None:
-        scores = new
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(query.dtype)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return out, probs
+    softcap = kwargs.get("softcap")
+
+    def hook(scores, allowed):
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        new = fn(ProbeSite(layer, call, comp, dup), scores, allowed)
+        return new if new is not None else scores
+
+    out, probs = eager_attention(query, key, value, mask=allowed, is_causal=False, scale=scaling, need_weights=True,
+                                 logits_hook=hook)  # the one eager kernel, with the probe between QKᵀ and softmax
+    return out.transpose(1, 2).contiguous(), probs.to(query.dtype)
 
 
 class HFAdapter(ModelAdapter):
@@ -202,10 +199,8 @@ class HFAdapter(ModelAdapter):
         out = []
         for i, mod in enumerate(self.attn_modules):
             if mod is not None and _is_difflama(mod):
-                l1 = math.exp(float(torch.sum(mod.lambda_q1.double() * mod.lambda_k1.double())))
-                l2 = math.exp(float(torch.sum(mod.lambda_q2.double() * mod.lambda_k2.double())))
-                out.append({"layer": i, "kind": "difflama", "lambda": l1 - l2 + float(mod.lambda_init),
-                            "lambda_init": float(mod.lambda_init), "exp_q1k1": l1, "exp_q2k2": l2})
+                out.append({"layer": i, "kind": "difflama", **lambda_record(
+                    mod.lambda_q1, mod.lambda_k1, mod.lambda_q2, mod.lambda_k2, float(mod.lambda_init))})
         layer_of = {}
         for i, b in enumerate(self.blocks or []):
             for m in b.modules():

@@ -15,6 +15,7 @@ import types
 from functools import partial
 from pathlib import Path
 
+from ..utils.options import add_actions
 from .common import add_options_to_parser, options_from_args, read_toml
 
 _HELP = {
@@ -43,14 +44,15 @@ def _task_module_doc(name: str) -> str:
     return importlib.import_module(f"diffattn.eval.{mod}").__doc__ or ""
 
 
-def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
+DESCRIPTION = ("Evaluate a diffattn checkpoint or any Hugging Face causal-LM directory with one "
+               "of the papers' protocols; writes results.json, results.md and PNG plots.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from . import TASKS
 
-    p = sub.add_parser("eval", help=help,
-                       description="Evaluate a diffattn checkpoint or any Hugging Face causal-LM directory with one "
-                                   "of the papers' protocols; writes results.json, results.md and PNG plots.")
     p.error = types.MethodType(OneLineParser.error, p)
-    tasks = p.add_subparsers(dest="task", metavar="TASK", parser_class=OneLineParser)
+    tasks = add_actions(p, "task", "TASK", parser_class=OneLineParser)
     for name, (cls, _) in TASKS.items():
         tp = tasks.add_parser(name, help=_HELP[name], description=_task_module_doc(name),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,12 +72,6 @@ def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
         add_options_to_parser(tp.add_argument_group(f"{name} options"), cls)
         tp.set_defaults(func=partial(run, name))
 
-    def no_task(args):
-        p.print_help(sys.stderr)
-        return 2
-
-    p.set_defaults(func=no_task)
-    return p
 
 
 def run(task: str, args: argparse.Namespace) -> int:
@@ -103,4 +99,4 @@ def run(task: str, args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_arguments", "run", "DESCRIPTION"]

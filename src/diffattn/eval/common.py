@@ -33,7 +33,8 @@ import torch
 from ..fsutil import atomic_directory
 from ..utils import stats as _stats
 from ..utils.errors import UsageError
-from ..utils.options import add_options_to_parser, flag, opt, options_from_args, read_toml  # noqa: F401 (re-exported)
+from ..utils.options import (add_options_to_parser, flag, opt, options_from_args,  # noqa: F401 (re-exported)
+                             options_from_mapping, read_toml)
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -65,13 +66,7 @@ class TaskOptions:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "options") -> "TaskOptions":
-        known = {f.name for f in fields(cls)}
-        norm = {str(k).replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(norm) - known)
-        if unknown:
-            raise UsageError(f"{source}: unknown option(s) {', '.join(unknown)} for this task; "
-                             f"valid: {', '.join(sorted(known))}")
-        return cls(**norm)
+        return options_from_mapping(cls, data, source, "unknown option(s) {names} for this task; valid: {valid}")
 
 
 # --------------------------------------------------------------------------- small validators

@@ -40,10 +40,11 @@ def run_report_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_compare_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser("compare", help=help,
-                       description="A parameter-matched comparison study of the differential-attention family "
-                                   "(configs/compare-*.toml). Re-running with the same --out resumes.")
+COMPARE_DESCRIPTION = ("A parameter-matched comparison study of the differential-attention family "
+                       "(configs/compare-*.toml). Re-running with the same --out resumes.")
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu-tiny", help="preset name (configs/compare-NAME.toml) or a .toml file")
     p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(variants.names() + (SAME_HEADS,))}")
     p.add_argument("--seeds", type=int, help="number of seeds (overrides the preset)")
@@ -53,13 +54,12 @@ def add_compare_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
                    help="override a preset value, e.g. train.max_steps=50 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run_compare_cli)
-    return p
 
 
-def add_report_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser("report", help=help,
-                       description="Re-render REPORT.md (or a self-contained REPORT.html) of a compare output dir.")
+REPORT_DESCRIPTION = ("Re-render REPORT.md (or a self-contained REPORT.html) of a compare output dir.")
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="a `diffattn compare` output directory")
     p.add_argument("--format", choices=["md", "html"], default="md")
     p.set_defaults(func=run_report_cli)
-    return p

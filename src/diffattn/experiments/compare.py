@@ -33,6 +33,7 @@ from .. import __version__
 from ..config import ModelConfig
 from ..fsutil import write_text_atomic
 from ..model import build_model
+from ..model.loss import lm_loss
 from .presets import SAME_HEADS, StudyConfig, variant_config
 
 STUDY_FILE = "study.json"
@@ -100,7 +101,7 @@ def train_run(study: StudyConfig, variant: str, seed: int, data_dir: Path, run_d
     """Train (or resume, or skip when finished) one (variant, seed) run; returns its summary."""
     from ..train.checkpoint import latest_checkpoint
     from ..train.config import TrainConfig
-    from ..train.trainer import Trainer
+    from ..train.trainer import plan_configs, train
     from . import needle_mix
 
     done = run_dir / SUMMARY_FILE
@@ -112,15 +113,17 @@ def train_run(study: StudyConfig, variant: str, seed: int, data_dir: Path, run_d
     latest = latest_checkpoint(run_dir)
     log(f"[compare] {variant} seed {seed}: {'resuming ' + latest.name if latest else 'training'} "
         f"({build_model_params(cfg):,} parameters)")
-    trainer = Trainer(cfg, tcfg, resume_from=latest)
-    if study.needle_share > 0:
-        trainer.sampler = needle_mix.NeedleMixSampler(trainer.sampler, tokenizer, haystack, share=study.needle_share,
-                                                      seed=seed, max_needles=study.needle_max)
+    plan = plan_configs(cfg, tcfg, resume=latest is not None)
+    sampler = None
+    if study.needle_share > 0:  # the same data order with a share of retrieval rows mixed in
+        sampler = needle_mix.NeedleMixSampler(plan.window_sampler(), tokenizer, haystack, share=study.needle_share,
+                                              seed=seed, max_needles=study.needle_max)
     t0 = time.time()
-    summary = trainer.fit()
+    built: dict = {}
+    summary = train(plan, sampler=sampler, on_start=lambda trainer: built.update(params=trainer.n_params))
     if not summary.get("finished"):
         raise KeyboardInterrupt  # stopped by a signal: the checkpoint is saved, `compare` resumes it
-    summary.update(variant=variant, seed=seed, train_wall_s=time.time() - t0, params=trainer.n_params,
+    summary.update(variant=variant, seed=seed, train_wall_s=time.time() - t0, params=built["params"],
                    config=cfg.to_dict())
     write_text_atomic(done, json.dumps(summary, indent=1) + "\n")
     return summary
@@ -280,7 +283,7 @@ def _train_step(cfg: ModelConfig, seq_len: int, batch: int, device: str, dtype):
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
             logits = model(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss = lm_loss(logits, ids[:, 1:])
         loss.backward()
         opt.step()
 

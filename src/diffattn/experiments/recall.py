@@ -37,6 +37,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from ..model.loss import lm_loss
+
 BOS, SEP = 0, 1
 FILLERS = ("noise", "lookalike")
 NORMALIZATIONS = ("sum", "abs")
@@ -278,7 +280,7 @@ def _lr_at(step: int, opts: RecallStudyOptions) -> float:
 
 
 def recall_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return lm_loss(logits, targets)  # unscored positions carry the target -100
 
 
 def train_model(config, opts: RecallStudyOptions, seed: int, log: Callable[[str], None] | None = None):

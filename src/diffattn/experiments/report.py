@@ -50,6 +50,14 @@ class Study:
         """One entry per study seed, in seed order (None where the run is missing): verdicts pair by position."""
         return [self.r["runs"].get(variant, {}).get(s) for s in self.seeds]
 
+    def first_eval_value(self, task: str, path: Sequence[Any]):
+        """The value at ``path`` of the first variant whose ``task`` record has it (grids shared by every run)."""
+        for v in self.variants:
+            vals = self.eval_values(v, task, path)
+            if vals:
+                return vals[0]
+        return None
+
     def eval_values(self, variant: str, task: str, path: Sequence[Any], *, paired: bool = False) -> list:
         """The value at ``path`` of ``task``'s results per run; ``paired``: one entry per seed (None if missing)."""
         out = []
@@ -210,12 +218,7 @@ def section_loss(study: Study, out: Path, summary: list) -> list[Block]:
 def section_needle(study: Study, out: Path, summary: list) -> list[Block]:
     if "needle" not in study.r["tasks"]:
         return []
-    nr_list = None
-    for v in study.variants:
-        vals = study.eval_values(v, "needle", ["nr"])
-        if vals:
-            nr_list = vals[0]
-            break
+    nr_list = study.first_eval_value("needle", ["nr"])
     if not nr_list:
         return []
 
@@ -272,12 +275,8 @@ def section_needle(study: Study, out: Path, summary: list) -> list[Block]:
 def section_attention(study: Study, out: Path, summary: list) -> list[Block]:
     if "attention-noise" not in study.r["tasks"]:
         return []
-    depths = None
-    for v in study.variants:
-        by = study.eval_values(v, "attention-noise", ["by_depth"])
-        if by:
-            depths = [row["depth"] for row in by[0]]
-            break
+    by = study.first_eval_value("attention-noise", ["by_depth"])
+    depths = [row["depth"] for row in by] if by else None
     if not depths:
         return []
 

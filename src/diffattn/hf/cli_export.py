@@ -43,17 +43,16 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
 
 
-def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "export", help=help,
-        description="Convert a diffattn checkpoint directory into one that stock transformers loads without "
-                    "diffattn: diff_v1 -> DiffLlamaForCausalLM (--to diffllama), standard -> LlamaForCausalLM "
-                    "(--to llama). The mapping is exact (row permutations, norm gain folded into o_proj); what "
-                    "cannot be represented is refused. The result is verified by comparing logits, and written "
-                    "atomically; tokenizer files are copied.")
+DESCRIPTION = ("Convert a diffattn checkpoint directory into one that stock transformers loads without "
+               "diffattn: diff_v1 -> DiffLlamaForCausalLM (--to diffllama), standard -> LlamaForCausalLM "
+               "(--to llama). The mapping is exact (row permutations, norm gain folded into o_proj); what "
+               "cannot be represented is refused. The result is verified by comparing logits, and written "
+               "atomically; tokenizer files are copied.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, choices=["diffllama", "llama"], help="target architecture")
     p.add_argument("src", metavar="SRC", help="diffattn checkpoint directory (config.json + model.safetensors)")
     p.add_argument("dst", metavar="DST", help="output directory")
     add_common(p)
     p.set_defaults(func=run)
-    return p

@@ -21,16 +21,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "import", help=help,
-        description="Convert a local Hugging Face model directory (safetensors) into a diffattn checkpoint: "
-                    "DiffLlamaForCausalLM -> diff_v1, LlamaForCausalLM -> standard. The mapping is exact; "
-                    "unsupported features (rotary scaling, biases, non-SiLU activations, unpaired heads) are "
-                    "refused. The result is verified by comparing logits and written atomically; tokenizer "
-                    "files are copied so AutoTokenizer.from_pretrained(DST) works.")
+DESCRIPTION = ("Convert a local Hugging Face model directory (safetensors) into a diffattn checkpoint: "
+               "DiffLlamaForCausalLM -> diff_v1, LlamaForCausalLM -> standard. The mapping is exact; "
+               "unsupported features (rotary scaling, biases, non-SiLU activations, unpaired heads) are "
+               "refused. The result is verified by comparing logits and written atomically; tokenizer "
+               "files are copied so AutoTokenizer.from_pretrained(DST) works.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="transformers model directory (config.json + model.safetensors)")
     p.add_argument("dst", metavar="DST", help="output diffattn checkpoint directory")
     add_common(p)
     p.set_defaults(func=run)
-    return p

@@ -65,6 +65,16 @@ class KeepFP32Params(nn.Module):
         return self
 
 
+@torch.no_grad()
+def lambda_record(q1, k1, q2, k2, lambda_init: float, *, lam: float | None = None) -> dict:
+    """The λ read-out of Eq. 2 from its four vectors, in float64: λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init and its
+    two exponentials (DIFF V1, Shared DIFF, transformers' DiffLlama). ``lam``: the model's own λ to report instead."""
+    l1 = math.exp(float(torch.dot(q1.double().flatten(), k1.double().flatten())))
+    l2 = math.exp(float(torch.dot(q2.double().flatten(), k2.double().flatten())))
+    return {"lambda": l1 - l2 + float(lambda_init) if lam is None else lam, "lambda_init": float(lambda_init),
+            "exp_q1k1": l1, "exp_q2k2": l2}
+
+
 class AttentionBase(KeepFP32Params):
     """What every variant shares: the config, the layer index, the 1/√d scale and the kernel object."""
 
@@ -192,10 +202,8 @@ class DiffV1Attention(AttentionBase):
         return 2 * hd, 4 * hd
 
     def lambda_report(self) -> dict:
-        l1 = math.exp(float(torch.dot(self.lambda_q1.double(), self.lambda_k1.double())))
-        l2 = math.exp(float(torch.dot(self.lambda_q2.double(), self.lambda_k2.double())))
-        return {"lambda": float(self.lambda_full()), "lambda_init": float(self.lambda_init), "exp_q1k1": l1,
-                "exp_q2k2": l2}
+        return lambda_record(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init,
+                             lam=float(self.lambda_full()))
 
     # --- Q/K projections: the only part Shared DIFF changes -------------------------------
     def _build_qk(self, config: ModelConfig) -> None:

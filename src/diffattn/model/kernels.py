@@ -51,8 +51,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, is_causal: b
         raise ValueError(f"value width {v.shape[-1]} is not a multiple of query/key width {q.shape[-1]}")
 
 
-def eager_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=False):
-    """Reference kernel: materialises the (B, Hq, T, S) maps; softmax in fp32 (fp64 for fp64 inputs)."""
+def eager_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=False, logits_hook=None):
+    """Reference kernel: materialises the (B, Hq, T, S) maps; softmax in fp32 (fp64 for fp64 inputs).
+
+    ``logits_hook(scores, allowed)``, when given, sees the fp32 logits QKᵀ·scale (B, Hq, T, S) and the boolean
+    "may attend" mask (broadcastable to them) before the softmax, and may return replacement logits (the
+    evaluation probes: quantised logits, outlier statistics). Returning None changes nothing.
+    """
     _check(q, k, v, mask, is_causal)
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:  # query head j -> K/V head j // n_rep
@@ -60,9 +65,14 @@ def eager_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=F
         v = v.repeat_interleave(n_rep, dim=1)
     acc = compute_dtype(q.dtype)
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, Hq, T, S)
+    t, s = scores.shape[-2:]
     if mask is None and is_causal:
-        t = q.shape[2]
-        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)[None, None]  # = tril() as T == S
+    if logits_hook is not None:
+        allowed = mask if mask is not None else torch.ones(1, 1, t, s, dtype=torch.bool, device=q.device)
+        new = logits_hook(scores, allowed)
+        if new is not None:
+            scores = new
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)

@@ -11,29 +11,15 @@ import sys
 
 def run(args: argparse.Namespace) -> int:
     from .config import load_run_file
-    from .trainer import Trainer, plan_run
-    from ..utils.lock import DirLock
+    from .trainer import train
 
     if args.stop_at_step is not None and args.stop_at_step < 1:
         raise ValueError(f"--stop-at-step must be a positive step number, got {args.stop_at_step}")
     tables = load_run_file(args.config, args.set or [])
-    out = tables.get("train", {}).get("out")
-    main_rank = os.environ.get("RANK", "0") == "0"
-    if main_rank and isinstance(out, str) and out:  # another process on this out: refuse first (exit 2)
-        DirLock(out, "diffattn train").check()
-    plan = plan_run(tables, resume=args.resume)  # validates everything; nothing written before this returns
-    lock = DirLock(plan.train_config.out, "diffattn train")
-    if main_rank:  # held until exit (Trainer.fit re-enters it); the kernel drops it if the process dies
-        lock.acquire()
-    try:
-        trainer = Trainer(plan.model_config, plan.train_config, resume_from=plan.resume_from)
-    except BaseException:
-        lock.release()
-        raise
-    try:
-        info = trainer.info
+
+    def started(trainer) -> None:
+        info, plan, cfg = trainer.info, trainer.plan, trainer.config
         if info.is_main:
-            cfg = plan.train_config
             where = f"{info.world_size} x {trainer.device.type}" + (f" ({cfg.parallel})" if info.distributed else "")
             start = f"resuming at step {trainer.step}" if plan.resume_from else "from scratch"
             if plan.changed:
@@ -41,31 +27,30 @@ def run(args: argparse.Namespace) -> int:
             print(f"diffattn train: {plan.model_config.attention} model, {trainer.n_params:,} parameters, "
                   f"{trainer.total_steps} steps of {trainer.tokens_per_step:,} tokens on {where}, {start}; "
                   f"out {cfg.out}", file=sys.stderr, flush=True)
-        summary = trainer.fit(stop_at_step=args.stop_at_step)
-        if info.is_main:
-            state = "finished" if summary["finished"] else "stopped (continue with --resume)"
-            if summary.get("signal") and not summary["finished"]:
-                state = f"stopped by {summary['signal']} (continue with --resume)"
-            val = f", val_loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
-            print(f"{state} at step {summary['step']} ({summary['tokens']:,} tokens){val}; "
-                  f"checkpoint {summary['checkpoint']}", flush=True)
-    finally:
-        trainer.close()
-        lock.release()
+
+    summary = train(tables, resume=args.resume, stop_at_step=args.stop_at_step, on_start=started)
+    if os.environ.get("RANK", "0") == "0":
+        state = "finished" if summary["finished"] else "stopped (continue with --resume)"
+        if summary.get("signal") and not summary["finished"]:
+            state = f"stopped by {summary['signal']} (continue with --resume)"
+        val = f", val_loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
+        print(f"{state} at step {summary['step']} ({summary['tokens']:,} tokens){val}; "
+              f"checkpoint {summary['checkpoint']}", flush=True)
     # stopped by a signal, after saving: the shell's convention, 128 + the signal number (Ctrl-C: 130)
     if summary.get("signal") and not summary["finished"]:
         return 128 + int(getattr(signal, summary["signal"]))
     return 0
 
 
-def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "train", help=help,
-        description="Train a decoder LM on token shards. The run file has a [model] table (ModelConfig fields, or "
-                    "preset = NAME with attention = VARIANT) and a [train] table (TrainConfig fields, including "
-                    "data = SHARD_DIR and out = RUN_DIR). Multi-process: torchrun --nproc-per-node N -m diffattn "
-                    "train ... (DDP; --set train.parallel=fsdp for FSDP2).",
-        epilog="example: diffattn train --config configs/train-tiny.toml --set train.max_steps=50 --set model.n_layer=4")
+DESCRIPTION = ("Train a decoder LM on token shards. The run file has a [model] table (ModelConfig fields, or "
+               "preset = NAME with attention = VARIANT) and a [train] table (TrainConfig fields, including "
+               "data = SHARD_DIR and out = RUN_DIR). Multi-process: torchrun --nproc-per-node N -m diffattn "
+               "train ... (DDP; --set train.parallel=fsdp for FSDP2).")
+
+EPILOG = ("example: diffattn train --config configs/train-tiny.toml --set train.max_steps=50 --set model.n_layer=4")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="run file with [model] and [train] tables")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a field: train.lr=1e-3, model.n_layer=4, parallel=fsdp (repeatable; TOML values)")
@@ -74,4 +59,3 @@ def add_parser(sub, help: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--stop-at-step", type=int, metavar="N",
                    help="stop after step N with a checkpoint (as if interrupted); --resume continues the same run")
     p.set_defaults(func=run)
-    return p

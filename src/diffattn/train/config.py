@@ -203,14 +203,15 @@ class TrainConfig:
         ``warmup_steps`` (step s uses lr·(s+1)/warmup), then ``schedule`` from ``lr`` to ``min_lr``
         at ``total_steps`` (held at ``min_lr`` beyond it). A pure function of the step: exact resume
         needs no scheduler object."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
+        if step < self.warmup_steps or self.schedule == "cosine":
+            from .optim import warmup_cosine_lr
+
+            return warmup_cosine_lr(step, lr=self.lr, warmup_steps=self.warmup_steps, total_steps=total_steps,
+                                    min_lr=self.min_lr)
         if self.schedule == "constant":
             return self.lr
         progress = min(1.0, (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
-        if self.schedule == "linear":
-            return self.lr - (self.lr - self.min_lr) * progress
-        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr - (self.lr - self.min_lr) * progress  # linear
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

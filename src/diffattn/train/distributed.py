@@ -53,6 +53,14 @@ def env_world_size() -> int:
         return 1
 
 
+def env_rank() -> int:
+    """RANK set by torchrun (0 outside it)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def pick_device(config: TrainConfig, local_rank: int = 0) -> torch.device:
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():

@@ -11,10 +11,15 @@ step k and resumed reproduces the uninterrupted run bit for bit on CPU. Under ``
 rank computes on a disjoint slice of the same global batch, so N processes reproduce one process
 with gradient accumulation (up to float summation order).
 
-Use from Python::
+One entry point, plan -> lock -> ``Trainer(plan, sampler=...)`` -> ``fit``::
 
-    trainer = Trainer(model_config, train_config)          # resume_from=checkpoint dir to continue
-    trainer.fit()                                          # or trainer.train_step(step) yourself
+    summary = train(tables)                                # [model]/[train] tables (load_run_file), or a RunPlan
+    plan = plan_run(tables, resume=True)                   # validation only: nothing is written
+    trainer = Trainer(plan)                                # or step it yourself: trainer.train_step(step)
+
+:func:`plan_run` / :func:`plan_configs` open the data once, check every input once (configs, data, token ids,
+batch divisibility, the resume checkpoint and its config) and return a :class:`RunPlan` that carries the opened
+shards; the Trainer trusts it. The run directory's lock is taken in one place (:func:`run_lock`).
 """
 
 from __future__ import annotations
@@ -28,11 +33,11 @@ import signal
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
@@ -47,15 +52,11 @@ from .checkpoint import (latest_checkpoint, latest_intact_checkpoint, load_check
                          remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from .faults import NumericsGuard, nan_injected
 from .config import TrainConfig, resolve_model_config
+from ..model.loss import lm_loss
 from .metrics import MetricsLog, flops_per_token, lambda_values, peak_flops
 from .optim import build_optimizer, clip_grad_norm, set_lr
 
 RUN_FILE = "run.json"
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy of logits (B, T, V) against targets (B, T), computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -81,24 +82,47 @@ class StepResult:
 
 
 # ---------------------------------------------------------------------- planning (validation only)
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RunPlan:
-    """A validated run: nothing has been written yet."""
+    """A validated run: nothing has been written yet. Carries the opened data (shards, window length)."""
 
     model_config: ModelConfig
     train_config: TrainConfig
     resume_from: Path | None
-    changed: tuple[str, ...] = ()  # TrainConfig fields that differ from the resumed checkpoint's
+    changed: tuple[str, ...]  # TrainConfig fields that differ from the resumed checkpoint's
+    train_shards: TokenShards
+    val_shards: TokenShards
+    seq_len: int
+    world_size: int
+
+    def window_sampler(self) -> WindowSampler:
+        """The run's own data order (what ``Trainer`` uses unless given another sampler)."""
+        cfg = self.train_config
+        return WindowSampler(self.train_shards, self.seq_len, cfg.batch_size, cfg.seed)
+
+    def with_train(self, **changes) -> "RunPlan":
+        """The same plan with ``TrainConfig`` fields changed that do not affect validation (compile, ...)."""
+        return dataclasses.replace(self, train_config=self.train_config.replace(**changes))
 
 
 def plan_run(tables: dict[str, dict], *, resume: bool = False, world_size: int | None = None) -> RunPlan:
-    """Validate a run (configs, data directory, checkpoints, batch divisibility) without side effects.
-
-    Raises ValueError / FileNotFoundError with one line naming the problem."""
+    """Validate a run from ``[model]``/``[train]`` tables (configs, data directory, checkpoints, batch
+    divisibility) without side effects. Raises ValueError / FileNotFoundError with one line naming the problem."""
     config = TrainConfig.from_dict(tables.get("train", {}))
     train = TokenShards(config.data, "train")
-    val = TokenShards(config.data, "val")
     model_config = resolve_model_config(tables.get("model", {}), train.vocab_size)
+    return _plan(model_config, config, train, resume=resume, world_size=world_size)
+
+
+def plan_configs(model_config: ModelConfig, config: TrainConfig, *, resume: bool = False,
+                 world_size: int | None = None) -> RunPlan:
+    """:func:`plan_run` for configs built in Python (the comparison study)."""
+    return _plan(model_config, config, TokenShards(config.data, "train"), resume=resume, world_size=world_size)
+
+
+def _plan(model_config: ModelConfig, config: TrainConfig, train: TokenShards, *, resume: bool,
+          world_size: int | None) -> RunPlan:
+    val = TokenShards(config.data, "val")
     if model_config.vocab_size < train.vocab_size:
         raise ValueError(f"ModelConfig.vocab_size: {model_config.vocab_size} is smaller than the data's "
                          f"vocab_size {train.vocab_size} ({Path(config.data) / 'index.json'})")
@@ -110,9 +134,10 @@ def plan_run(tables: dict[str, dict], *, resume: bool = False, world_size: int |
     if n_eval_windows(val, seq_len) < 1:
         raise ValueError(f"{config.data}: split 'val' has {len(val)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     world = D.env_world_size() if world_size is None else world_size
-    if config.batch_size % (world * config.grad_accum):
+    if config.batch_size % (world * config.grad_accum):  # the one divisibility check
         raise ValueError(f"TrainConfig.batch_size: {config.batch_size} is not divisible by world_size*grad_accum "
                          f"= {world}*{config.grad_accum}")
+    common = dict(train_shards=train, val_shards=val, seq_len=seq_len, world_size=world)
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"TrainConfig.out: {out} exists and is not a directory")
@@ -134,11 +159,11 @@ def plan_run(tables: dict[str, dict], *, resume: bool = False, world_size: int |
                              f"in {', '.join(diff)}")
         saved_train = read_train_state(latest).get("train_config", {})
         changed = tuple(k for k, v in config.to_dict().items() if k in saved_train and saved_train[k] != v)
-        return RunPlan(model_config, config, latest, changed)
+        return RunPlan(model_config, config, latest, changed, **common)
     if latest is not None:
         raise ValueError(f"TrainConfig.out: {out} already holds checkpoints (latest {latest.name}); "
                          f"pass --resume to continue it or choose another out")
-    return RunPlan(model_config, config, None)
+    return RunPlan(model_config, config, None, (), **common)
 
 
 def check_memory(model_config: ModelConfig, config: TrainConfig) -> None:
@@ -172,33 +197,32 @@ def check_token_ids(shards: TokenShards, vocab_size: int, chunk: int = 1 << 24) 
 class Trainer:
     """Builds the model, optimizer and data for one run and trains it (see the module docstring)."""
 
-    def __init__(self, model_config: ModelConfig, config: TrainConfig, *, resume_from: str | os.PathLike | None = None,
-                 dist_info: D.DistInfo | None = None):
-        self.model_config, self.config = model_config, config
+    def __init__(self, plan: RunPlan, *, sampler=None, dist_info: D.DistInfo | None = None):
+        """Build the model, optimizer and data of a validated ``plan`` (:func:`plan_run`); ``sampler`` replaces
+        the plan's window sampler (e.g. a needle-mixing wrapper around ``plan.window_sampler()``)."""
+        if not isinstance(plan, RunPlan):
+            raise TypeError(f"Trainer takes a RunPlan (plan_run / plan_configs), got {type(plan).__name__}")
+        model_config, config = plan.model_config, plan.train_config
+        self.plan, self.model_config, self.config = plan, model_config, config
         self.info = dist_info if dist_info is not None else D.setup(config)
         info = self.info
+        if info.world_size != plan.world_size:
+            raise ValueError(f"the run was planned for {plan.world_size} process(es), this is {info.world_size}")
         self.out = Path(config.out)
         self.device = info.device
-        self.train_shards = TokenShards(config.data, "train")
-        self.val_shards = TokenShards(config.data, "val")
-        self.seq_len = config.resolved_seq_len(model_config)
+        self.train_shards, self.val_shards, self.seq_len = plan.train_shards, plan.val_shards, plan.seq_len
         self.total_steps = config.total_steps(self.seq_len)
-        if config.batch_size % (info.world_size * config.grad_accum):
-            raise ValueError(f"TrainConfig.batch_size: {config.batch_size} is not divisible by "
-                             f"world_size*grad_accum = {info.world_size}*{config.grad_accum}")
         self.micro_batch = config.batch_size // (info.world_size * config.grad_accum)
         self.eval_batch_size = config.eval_batch_size or self.micro_batch
         self.tokens_per_step = config.batch_size * self.seq_len
-        self.sampler = WindowSampler(self.train_shards, self.seq_len, config.batch_size, config.seed)
+        self.sampler = sampler if sampler is not None else plan.window_sampler()
         self.autocast_dtype = self._autocast_dtype()
 
         torch.manual_seed(config.seed)
         raw = build_model(model_config)
         resumed = None
-        if resume_from is not None:
-            ckpt_config, model_state, optim_state, resumed = load_checkpoint(resume_from)
-            if ckpt_config != model_config:
-                raise ValueError(f"--resume: {resume_from} holds a different model config")
+        if plan.resume_from is not None:  # the plan compared its config with ours
+            _, model_state, optim_state, resumed = load_checkpoint(plan.resume_from)
             raw.load_state_dict(model_state, strict=True)
         raw.to(self.device)
         self.n_params = raw.param_counts()["total"]
@@ -218,10 +242,10 @@ class Trainer:
         self.resumed_state = resumed
         if resumed is not None:
             D.load_full_optimizer_state(raw, self.optimizer, optim_state)
-            for i, group in enumerate(self.optimizer.param_groups):  # hyper-parameters: the current config
+            for group in self.optimizer.param_groups:  # hyper-parameters: the current config, by group name
                 group["betas"] = (config.beta1, config.beta2)
                 group["eps"] = config.eps
-                group["weight_decay"] = config.weight_decay if i == 0 else 0.0  # groups: decay, no_decay
+                group["weight_decay"] = {"decay": config.weight_decay, "no_decay": 0.0}[group["name"]]
             self.step, self.tokens = int(resumed["step"]), int(resumed["tokens"])
             states = resumed.get("rng") or []
             if states:
@@ -233,7 +257,6 @@ class Trainer:
         self.stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped fit()
         self.guard = NumericsGuard(config.max_skipped_steps, config.lambda_alarm, config.grad_spike_factor,
                                    skipped=int((resumed or {}).get("skipped_steps", 0)))
-        self._lock: DirLock | None = None
 
     # ------------------------------------------------------------------ numerics
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -336,20 +359,22 @@ class Trainer:
     def fit(self, stop_at_step: int | None = None) -> dict:
         """Train until ``total_steps`` (or, for an interrupted run, ``stop_at_step`` / SIGINT / SIGTERM:
         then a checkpoint is saved and ``--resume`` continues). Returns a summary dict."""
-        cfg, info = self.config, self.info
+        info = self.info
         target = self.total_steps if stop_at_step is None else min(self.total_steps, stop_at_step)
         resumed_at = self.step if self.resumed_state is not None else None
         if resumed_at is not None and self.step >= target:  # nothing left to train
             if self.step == self.total_steps and not self._final_eval_logged():
                 self._final_eval()  # killed after the final checkpoint, before the final evaluation
             return self._summary()
-        if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            # one process per run directory: a second one refuses (OutDirLocked, exit 2)
-            self._lock = DirLock(self.out, "diffattn train").acquire()
-            remove_stale_temporaries(self.out)
-            self._write_run_file()
-        D.barrier(info)
+        with run_lock(self.out, info.is_main):
+            if info.is_main:
+                remove_stale_temporaries(self.out)
+                self._write_run_file()
+            D.barrier(info)
+            return self._fit(target, resumed_at)
+
+    def _fit(self, target: int, resumed_at: int | None) -> dict:
+        cfg, info = self.config, self.info
         log = MetricsLog(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard,
                          resume_step=resumed_at if resumed_at is not None else -1)
         bar = self._progress_bar()
@@ -415,9 +440,6 @@ class Trainer:
             if bar is not None:
                 bar.close()
             log.close()
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
         return self._summary()
 
     def _summary(self) -> dict:
@@ -452,17 +474,13 @@ class Trainer:
     def _final_eval(self) -> None:
         """The final evaluation of a finished run that was killed before it: evaluate the final weights now and
         log the row, so the summary and metrics.jsonl are what an uninterrupted run leaves."""
-        if self.info.is_main:
-            self._lock = DirLock(self.out, "diffattn train").acquire()
-        log = MetricsLog(self.out, enabled=self.info.is_main, tensorboard=self.config.tensorboard,
-                         resume_step=self.step)
-        try:
-            self._eval_and_log(log)
-        finally:
-            log.close()
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+        with run_lock(self.out, self.info.is_main):
+            log = MetricsLog(self.out, enabled=self.info.is_main, tensorboard=self.config.tensorboard,
+                             resume_step=self.step)
+            try:
+                self._eval_and_log(log)
+            finally:
+                log.close()
 
     def _progress_bar(self):
         if not (self.info.is_main and self.config.progress):
@@ -524,14 +542,43 @@ class Trainer:
                 signal.signal(s, h)
 
 
-def train(tables: dict[str, dict], *, resume: bool = False, stop_at_step: int | None = None) -> dict:
-    """Validate, build and run a training run from ``[model]``/``[train]`` tables; returns the summary."""
-    plan = plan_run(tables, resume=resume)
-    trainer = Trainer(plan.model_config, plan.train_config, resume_from=plan.resume_from)
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike, hold: bool = True):
+    """Hold ``out``'s run lock for the block (the main process only: ``hold``): one process per run
+    directory, a second one refuses (OutDirLocked, exit 2). Re-entrant, so nested holders are free."""
+    if not hold:
+        yield
+        return
+    lock = DirLock(out, "diffattn train").acquire()
     try:
-        return trainer.fit(stop_at_step=stop_at_step)
+        yield
     finally:
-        trainer.close()
+        lock.release()
 
 
-__all__ = ["Trainer", "StepResult", "RunPlan", "plan_run", "train", "lm_loss", "enable_activation_checkpointing"]
+def train(run: dict[str, dict] | RunPlan, *, resume: bool = False, stop_at_step: int | None = None, sampler=None,
+          on_start=None) -> dict:
+    """The training entry point: plan -> lock -> ``Trainer(plan, sampler=sampler)`` -> ``fit``; returns the summary.
+
+    ``run``: ``[model]``/``[train]`` tables (validated here; a run directory held by another process is refused
+    before anything is read) or a :class:`RunPlan`. ``on_start(trainer)`` runs once the trainer is built."""
+    main = D.env_rank() == 0
+    if isinstance(run, RunPlan):
+        plan = run
+    else:
+        out = run.get("train", {}).get("out")
+        if main and isinstance(out, str) and out:  # another process on this out: refuse first (exit 2)
+            DirLock(out, "diffattn train").check()
+        plan = plan_run(run, resume=resume)  # validates everything; nothing written before this returns
+    with run_lock(plan.train_config.out, main):  # held from before the weights load until the run ends
+        trainer = Trainer(plan, sampler=sampler)
+        try:
+            if on_start is not None:
+                on_start(trainer)
+            return trainer.fit(stop_at_step=stop_at_step)
+        finally:
+            trainer.close()
+
+
+__all__ = ["Trainer", "StepResult", "RunPlan", "plan_run", "plan_configs", "run_lock", "train", "lm_loss",
+           "enable_activation_checkpointing"]

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import tomllib
 import types
 import typing
@@ -63,26 +64,42 @@ def _list_parser(elem: Callable[[str], Any], name: str) -> Callable[[str], list]
 
 def add_options_to_parser(parser, cls: type, *, skip: Sequence[str] = ("seed",)) -> None:
     """One ``--flag`` per field of the options dataclass ``cls`` (help from :func:`opt`); defaults are
-    applied later (argparse default ``None``), so a TOML file can sit between the defaults and the flags."""
+    applied later (argparse default ``None``), so a TOML file can sit between the defaults and the flags.
+
+    Field metadata (keywords of :func:`opt`): ``choices``; ``nargs="+"`` (a list field given as several words
+    instead of ``A,B,...``); ``switch=True`` (a bool set by its bare flag, e.g. ``--no-progress``); ``group``
+    (the title of the argument group it is listed under); ``parse`` (a function str -> value)."""
     hints = typing.get_type_hints(cls)
+    groups: dict[str, Any] = {}
     for f in fields(cls):
         if f.name in skip:
             continue  # common flags, added by the command
+        meta = f.metadata
+        where = parser
+        if meta.get("group"):
+            where = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         elem, is_list, is_bool = _field_kind(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         # a None default means "decided at run time": the help text says how, "(default: None)" would not
-        suffix = "" if default is None else f" (default: {shown})"
-        help_ = f"{f.metadata.get('help', '')}{suffix}".replace("%", "%%")
+        suffix = "" if default is None or meta.get("switch") else f" (default: {shown})"
+        help_ = f"{meta.get('help', '')}{suffix}".replace("%", "%%")
         name = "--" + flag(f.name)
-        if is_bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        extra = {"choices": meta["choices"]} if meta.get("choices") else {}
+        if meta.get("switch"):
+            where.add_argument(name, action="store_true", default=None, help=help_)
+        elif is_bool:
+            where.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif is_list and meta.get("nargs"):
+            where.add_argument(name, nargs=meta["nargs"], type=_scalar_parser(elem, f.name), default=None,
+                               metavar=meta.get("metavar"), help=help_)
         elif is_list:
-            parser.add_argument(name, type=_list_parser(elem, f.name), default=None, metavar="A,B,...", help=help_)
-        elif f.metadata.get("escapes"):  # "\\n" on the command line means a newline
-            parser.add_argument(name, type=_unescape, default=None, help=help_.encode("unicode_escape").decode())
+            where.add_argument(name, type=_list_parser(elem, f.name), default=None, metavar="A,B,...", help=help_)
+        elif meta.get("escapes"):  # "\\n" on the command line means a newline
+            where.add_argument(name, type=_unescape, default=None, help=help_.encode("unicode_escape").decode())
         else:
-            parser.add_argument(name, type=_scalar_parser(elem, f.name), default=None, help=help_)
+            where.add_argument(name, type=meta.get("parse") or _scalar_parser(elem, f.name), default=None,
+                               help=help_, **extra)
 
 
 def _unescape(text: str) -> str:
@@ -112,6 +129,31 @@ def options_from_args(cls: type, args, config: Mapping[str, Any] | None = None):
             data[f.name] = value
     return cls.from_mapping(data, source="options")
 
+
+
+def add_actions(parser, dest: str, metavar: str, **kwargs):
+    """Sub-actions of a command (``data prepare``, ``adapt dex``, ``eval ppl``, ...): the subparsers object, with
+    the command itself printing its help to stderr and exiting 2 when no action is named."""
+    actions = parser.add_subparsers(dest=dest, metavar=metavar, **kwargs)
+
+    def no_action(args) -> int:
+        parser.print_help(sys.stderr)
+        return 2
+
+    parser.set_defaults(func=no_action)
+    return actions
+
+
+def options_from_mapping(cls: type, data: Mapping[str, Any], source: str = "options",
+                         unknown: str = "unknown option(s) {names}; valid: {valid}"):
+    """``cls(**data)`` with ``-`` in keys read as ``_``; keys that are not fields raise a UsageError
+    ``"<source>: <unknown>"`` (``{names}``: the unknown keys, ``{valid}``: the fields)."""
+    known = {f.name for f in fields(cls)}
+    norm = {str(k).replace("-", "_"): v for k, v in data.items()}
+    bad = sorted(set(norm) - known)
+    if bad:
+        raise UsageError(f"{source}: " + unknown.format(names=", ".join(bad), valid=", ".join(sorted(known))))
+    return cls(**norm)
 
 
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -149,4 +191,5 @@ def parse_set(item: str, *, example: str = "train.lr=1e-3") -> tuple[str, Any]:
     return key, parse_value(raw)
 
 
-__all__ = ["opt", "flag", "add_options_to_parser", "options_from_args", "read_toml", "parse_value", "parse_set"]
+__all__ = ["opt", "flag", "add_options_to_parser", "options_from_args", "options_from_mapping", "add_actions",
+           "read_toml", "parse_value", "parse_set"]
