@@ -1,7 +1,8 @@
 """The ``diffattn`` command line: a thin dispatcher over one module per subcommand.
 
-Each subcommand lives beside the code it drives (``diffattn/<stage>/cli.py``) and exposes
-``add_parser(subparsers) -> argparse.ArgumentParser`` whose parser sets ``func(args) -> int``.
+Each subcommand lives beside the code it drives (``diffattn/<stage>/cli.py``) and exposes ``DESCRIPTION`` and
+``add_arguments(parser)``, which sets ``func(args) -> int``; :data:`SUBCOMMANDS` names them with their help line,
+and only the chosen command's module is imported.
 Errors: bad input (``ValueError``, ``FileNotFoundError``, ``UsageError``) prints one line naming the
 problem and exits with code 2, never a traceback.
 """

@@ -117,7 +117,6 @@ def build_rows(args, shape: common.Shape) -> dict[str, dict]:
 
 
 def run(args) -> int:
-    common.check_args(args)
     env = common.environment(args.device)
     results = []
     for t in args.seq_len:

@@ -31,7 +31,6 @@ from ..fsutil import write_text_atomic
 from ..utils.errors import UsageError
 from ..utils.runtime import DTYPES as RUNTIME_DTYPES
 from ..utils.timing import Timing, round_robin, sync  # noqa: F401 (re-exported for the benchmarks)
-from .. import variants
 from ..config import ModelConfig
 
 DTYPES = {name: RUNTIME_DTYPES[name] for name in ("fp32", "bf16", "fp16")}  # the short names of utils.runtime
@@ -51,47 +50,6 @@ class Shape:
     n_layer: int
     vocab_size: int
     max_seq_len: int
-
-
-def check_args(args) -> None:
-    """Validate the options every bench shares; raises UsageError (one line, exit 2)."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
-    if args.kernel == "triton" and args.device != "cuda":
-        raise UsageError("--kernel triton runs on a GPU; use --device cuda (on CPU use sdpa or eager)")
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in chosen if v not in variants.names()]
-    if bad or not chosen:
-        raise UsageError(f"--variants: unknown variant {bad[0] if bad else '(none)'!r}; valid: {', '.join(variants.names())}")
-    args.variant_list = list(dict.fromkeys(["standard", *chosen]))  # the baseline always runs, first
-    for name in ("batch", "d_model", "n_head", "n_layer", "vocab_size", "warmup", "repeats", "new_tokens"):
-        values = getattr(args, name, None)
-        lo = 0 if name == "warmup" else 1
-        for value in values if isinstance(values, list) else [values]:
-            if value is not None and value < lo:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= {lo}, got {value}")
-    extra = getattr(args, "new_tokens", 0) or 0  # generate: the cache holds prompt + new tokens
-    if args.max_seq_len is None:
-        args.max_seq_len = max(args.seq_len) + extra
-    for t in args.seq_len:
-        if t < 2:
-            raise UsageError(f"--seq-len must be >= 2, got {t}")
-        if t + extra > args.max_seq_len:
-            what = f"--seq-len {t} + --new-tokens {extra}" if extra else f"--seq-len {t}"
-            raise UsageError(f"{what} exceeds --max-seq-len {args.max_seq_len}")
-    if args.n_kv_head is None:
-        args.n_kv_head = args.n_head
-    if args.head_dim is None:
-        if args.d_model % args.n_head:
-            raise UsageError(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head} (or give --head-dim)")
-        args.head_dim = args.d_model // args.n_head
-    if args.n_head % 2 or args.n_kv_head % 2:
-        raise UsageError(f"--n-head/--n-kv-head must be even (a DIFF head replaces two standard heads), "
-                         f"got {args.n_head}/{args.n_kv_head}")
-    if args.kernel is None:
-        args.kernel = "triton" if args.device == "cuda" else "sdpa"
-    args.torch_dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
-    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
 
 
 def shape_for(args, seq_len: int, batch: int | None = None) -> Shape:

@@ -65,7 +65,6 @@ def build_decoder(args, shape: common.Shape, spec: dict):
 
 
 def run(args) -> int:
-    common.check_args(args)
     env = common.environment(args.device)
     progress = None if args.quiet else common.log
     results = []

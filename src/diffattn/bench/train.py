@@ -160,9 +160,6 @@ def measure_memory(args, shape: common.Shape, name: str, spec: dict, model, step
 
 
 def run(args) -> int:
-    common.check_args(args)
-    if args.memory_only and not args.memory:
-        raise common.UsageError("--memory-only and --no-memory contradict each other")
     env = common.environment(args.device)
     peak = peak_flops(args)
     progress = None if args.quiet else common.log

@@ -18,6 +18,7 @@ from .surgery import (SUPPORTED_MODEL_TYPES, DEXOptions, DEXOutputProjection, Lo
                       UnsupportedModelError, adapter_modules, apply_dex, attention_sites, configure_trainable,
                       merge_adapters, remove_adapters, set_dex_step)
 from .train import TrainSettings, evaluate, train_adapter
+from .run import DexRun, adapt
 
 
 def _register_with_eval() -> None:
@@ -36,7 +37,7 @@ def _register_with_eval() -> None:
 
 _register_with_eval()
 
-__all__ = ["KNOWN_BASES", "SUPPORTED_MODEL_TYPES", "BaseModelError", "DEXOptions", "DEXOutputProjection",
+__all__ = ["DexRun", "adapt", "KNOWN_BASES", "SUPPORTED_MODEL_TYPES", "BaseModelError", "DEXOptions", "DEXOutputProjection",
            "LoRAOutputProjection", "TrainSettings", "UnsupportedModelError", "adapter_modules", "apply_dex",
            "attention_entropy", "attention_sites", "base_fingerprint", "choose_heads", "configure_trainable",
            "dex_lambda", "evaluate", "head_importance", "lambda_init_for_depth", "load_adapter", "load_base",

@@ -72,8 +72,8 @@ def add_options_to_parser(parser, cls: type, *, skip: Sequence[str] = ("seed",))
     hints = typing.get_type_hints(cls)
     groups: dict[str, Any] = {}
     for f in fields(cls):
-        if f.name in skip:
-            continue  # common flags, added by the command
+        if f.name in skip or not f.init:
+            continue  # common flags, added by the command; derived fields
         meta = f.metadata
         where = parser
         if meta.get("group"):
@@ -98,6 +98,8 @@ def add_options_to_parser(parser, cls: type, *, skip: Sequence[str] = ("seed",))
         elif meta.get("escapes"):  # "\\n" on the command line means a newline
             where.add_argument(name, type=_unescape, default=None, help=help_.encode("unicode_escape").decode())
         else:
+            if meta.get("metavar"):
+                extra["metavar"] = meta["metavar"]
             where.add_argument(name, type=meta.get("parse") or _scalar_parser(elem, f.name), default=None,
                                help=help_, **extra)
 
@@ -124,7 +126,7 @@ def options_from_args(cls: type, args, config: Mapping[str, Any] | None = None):
     if config:
         data.update({str(k).replace("-", "_"): v for k, v in config.items()})
     for f in fields(cls):
-        value = getattr(args, f.name, None)
+        value = getattr(args, f.name, None) if f.init else None
         if value is not None:
             data[f.name] = value
     return cls.from_mapping(data, source="options")
