@@ -30,7 +30,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..fsutil import sha256_file
+from ..fsutil import replace_dir, sha256_file
 from .surgery import SUPPORTED_MODEL_TYPES, UnsupportedModelError, supported_list
 
 DEX_EXTRA = ["gguf>=0.17,<1", "accelerate>=1.0,<2"]
@@ -227,9 +227,7 @@ def install_known_base(name: str, log=print) -> Path:
             "gguf_file": spec.gguf_file, "gguf_sha256": spec.gguf_sha256, "prepend_bos": spec.prepend_bos,
             "converted_with": {"transformers": transformers.__version__},
         }, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out, target)
+        replace_dir(out, target)  # fsynced; an older install is moved aside, then removed
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log(f"installed {spec.title} into {target}")

@@ -34,6 +34,7 @@ from ..config import ModelConfig
 from ..fsutil import write_text_atomic
 from ..model import build_model
 from ..model.loss import lm_loss
+from ..utils.runtime import resolve_device
 from .presets import SAME_HEADS, StudyConfig, variant_config
 
 STUDY_FILE = "study.json"
@@ -154,7 +155,7 @@ def evaluate_run(study: StudyConfig, checkpoint: Path, data_dir: Path, eval_dir:
                  log: Callable[[str], None]) -> dict[str, dict]:
     from ..eval.adapter import load as load_adapter
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto").type
     adapter, tok = load_adapter(checkpoint, device=device)
     records = {}
     for task in study.tasks:
@@ -248,7 +249,7 @@ def measure_cost(study: StudyConfig, vocab_size: int, seq_len: int, micro_batch:
     """Training-step time (round-robin, same process, same shapes) and peak memory per variant."""
     from ..utils.timing import round_robin
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto").type
     dtype = torch.bfloat16 if device == "cuda" else None
     steps, out = {}, {}
     for variant in study.variants:

@@ -38,7 +38,7 @@ PAPER = {
         better="lower", source="methods.md §1.9 Table 5"),
     "throughput": dict(
         text="V1 training throughput −9% (3B, 2K) to −12% (3B, 4K) vs Transformer, same FlashAttention (Table 7); V2: negligible",
-        better="higher", source="methods.md §1.9 Table 7; §2.3"),
+        ratio="0.88-0.91×", better="higher", source="methods.md §1.9 Table 7; §2.3"),
     "lambda": dict(
         text="learned λ ≈ 0.8 in most (deep) layers, 0.2-0.4 in the first few, never negative (author, issue #1699)",
         better=None, source="methods.md §1.3"),

@@ -517,7 +517,7 @@ def section_cost(study: Study, summary: list) -> list[Block]:
     for v in study.variants:
         c = cost["variants"][v]
         if _is_diff(v):
-            summary.append([study.label(v), "training throughput (paper V1: 0.88-0.91×)",
+            summary.append([study.label(v), f"training throughput (paper V1: {PAPER['throughput']['ratio']})",
                             f"{c['throughput_ratio']:.2f}× baseline", "measured (one machine, one run)"])
         mem = c.get("peak_memory_bytes")
         rows.append([study.label(v), f"{c['tokens_per_s']:,.0f}", f"{c['throughput_ratio']:.3f}",
