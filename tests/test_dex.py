@@ -157,6 +157,19 @@ def test_schedule_formula_at_0_half_T_2T(depth):
     assert dex_lambda(t, T, li, ll) == pytest.approx((1 - t / T) * (t / T) * li + (t / T) * ll)
 
 
+def test_additive_schedule_and_reach():
+    from diffattn.dex.schedule import lambda_reach
+
+    T, li, ll = 10, 0.6, 0.05
+    assert dex_lambda(0, T, li, ll, "additive") == pytest.approx(ll)
+    assert dex_lambda(5, T, li, ll, "additive") == pytest.approx(0.5 * li + ll)
+    assert dex_lambda(T, T, li, ll, "additive") == dex_lambda(3 * T, T, li, ll, "additive") == pytest.approx(li + ll)
+    with pytest.raises(ValueError, match="additive, quoted"):
+        dex_lambda(1, T, li, ll, "cosine")
+    assert lambda_reach([1e-3] * 64) == pytest.approx(0.064)  # the committed study's cap: 64 steps of lr ≤ 1e-3
+    assert lambda_reach([0.1, 0.2], start=0.5) == pytest.approx(0.8)
+
+
 def test_schedule_depth_values_and_constant_mode():
     got = [round(lambda_init_for_depth(d), 3) for d in range(4)]
     assert got == [0.2, 0.356, 0.471, 0.556]

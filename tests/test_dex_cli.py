@@ -391,3 +391,52 @@ print("ok")
 '''
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- issue #16: a λ path that can learn
+
+@pytest.mark.filterwarnings("ignore:the quoted λ schedule")  # its own test checks the warning
+def test_additive_schedule_keeps_lambda_after_T_and_lambda_has_its_own_learning_rate(tiny_base, tmp_path, capsys):
+    """The default schedule is λ = α·λ_init + λ_learn: after T it is λ_init + λ_learn, not λ_learn alone; λ_learn
+    trains in its own AdamW group at --lambda-lr; per-layer λ and ‖λ·W_D‖ are logged at every step."""
+    from diffattn.dex.schedule import lambda_init_for_depth
+
+    base, texts = tiny_base
+    common = ["--base", str(base), "--text", *texts[:2], "--steps", "8", "--anneal-steps", "4", "--batch-size", "2",
+              "--seq-len", "16", "--val-tokens", "64", "--heads", "all", "--lr", "0.01", "--no-progress"]
+    outs = {}
+    for name, extra in (("additive", []), ("fast-lambda", ["--lambda-lr", "0.2"]), ("quoted", ["--schedule", "quoted"])):
+        outs[name] = tmp_path / name
+        rc, _, err = run(["adapt", "dex", *common, "--out", str(outs[name]), *extra], capsys)
+        assert rc == 0, err
+    cfg = json.loads((outs["additive"] / "adapter_config.json").read_text())
+    assert cfg["options"]["schedule"] == "additive"
+    learn = {int(k): v for k, v in cfg["lambda"].items()}
+    for layer, lam in learn.items():  # λ_learn moved by at most ~Σ lr = 0.08 from 0: λ ≈ λ_init, never ≈ 0
+        assert abs(lam - lambda_init_for_depth(layer)) < 0.09
+    quoted = json.loads((outs["quoted"] / "adapter_config.json").read_text())
+    assert all(abs(v) < 0.09 for v in quoted["lambda"].values())  # the collapse the issue measured: λ = λ_learn
+    fast = json.loads((outs["fast-lambda"] / "adapter_config.json").read_text())
+    moved = lambda c: max(abs(v - lambda_init_for_depth(int(k))) for k, v in c["lambda"].items())
+    assert moved(fast) > 2 * moved(cfg)  # 20x the learning rate moves λ_learn further
+    metrics = [json.loads(l) for l in (outs["additive"] / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 9))
+    assert all(set(m["lambda"]) == set(m["lambda_wd"]) == {"0", "1"} for m in steps)
+    assert steps[-1]["lambda_wd"]["0"] > 0  # the differential term is in use at the end
+
+
+def test_quoted_schedule_that_cannot_reach_lambda_init_warns(tiny_base, tmp_path, capsys):
+    import warnings
+
+    base, texts = tiny_base
+    common = ["--base", str(base), "--text", texts[0], "--steps", "4", "--batch-size", "2", "--seq-len", "16",
+              "--val-tokens", "64", "--heads", "all", "--no-progress"]
+    with pytest.warns(UserWarning, match=r"the quoted λ schedule ends at λ = λ_learn.*below the λ_init") as got:
+        rc, _, err = run(["adapt", "dex", *common, "--schedule", "quoted", "--out", str(tmp_path / "q")], capsys)
+    assert rc == 0, err
+    assert len(got) == 1 and "\n" not in str(got[0].message)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rc, _, err = run(["adapt", "dex", *common, "--out", str(tmp_path / "a")], capsys)
+    assert rc == 0 and not [w for w in seen if "λ schedule" in str(w.message)]  # additive reaches λ_init by construction

@@ -75,6 +75,11 @@ class DexRun:
     lambda_init: str | float = opt("depth", "depth (0.8-0.6exp(-0.3l)) or a number", group=_DEX, parse=_lambda_init)
     lambda_learn_init: float = opt(0.0, "starting value of the learnable λ part", group=_DEX)
     anneal_steps: int | None = opt(None, "T of the λ schedule (default: half the steps)", group=_DEX)
+    schedule: str = opt("additive", "λ(t): additive = α·λ_init + λ_learn (never collapses), quoted = "
+                                    "(1−α)(t/T)·λ_init + α·λ_learn (λ = λ_learn after T); see docs/dex.md",
+                        group=_DEX, choices=["additive", "quoted"])
+    lambda_lr: float | None = opt(None, "peak learning rate of λ_learn, its own AdamW group (default: --lr)",
+                                  group=_DEX)
     control: str = opt("none", "train a control instead of DEX: linear (O + O·W, no λ) or lora (rank-matched "
                                "o_proj update)", group=_DEX, choices=["none", "linear", "lora"])
     lora_rank: int = opt(0, "for --control lora (0: match the DEX parameter count)", group=_DEX)
@@ -106,6 +111,8 @@ class DexRun:
             raise ValueError("--seq-len must be >= 2")
         if self.lr <= 0:
             raise ValueError("--lr must be > 0")
+        if self.lambda_lr is not None and self.lambda_lr < 0:
+            raise ValueError("--lambda-lr must be >= 0")
         if self.steps is not None and self.steps < 1:
             raise ValueError("--steps must be >= 1")
         self.dex_options()  # DEXOptions validates f_d, head_norm, λ settings, the method
@@ -121,7 +128,8 @@ class DexRun:
 
         extra = {} if anneal_steps is None else {"anneal_steps": anneal_steps}
         return DEXOptions(method=self.method, f_d=self.f_d, head_norm=self.head_norm, lambda_init=self.lambda_init,
-                          lambda_learn_init=self.lambda_learn_init, lora_rank=self.lora_rank, **extra)
+                          lambda_learn_init=self.lambda_learn_init, lora_rank=self.lora_rank, schedule=self.schedule,
+                          **extra)
 
     def budget(self, device: str) -> tuple[int, int]:
         """(optimizer steps, anneal steps T) for this run on ``device``."""
@@ -204,7 +212,9 @@ def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
     settings = TrainSettings(steps=steps, lr=run.lr, weight_decay=run.weight_decay,
                              warmup_steps=run.warmup if run.warmup is not None else max(0, steps // 20),
                              grad_clip=run.grad_clip, train_mode=run.train, eval_every=run.eval_every,
-                             val_tokens=run.val_tokens)
+                             val_tokens=run.val_tokens, lambda_lr=run.lambda_lr)
+    if run.method == "dex":
+        _warn_unreachable(options, settings, [s.layer_idx for s in sites if s.layer_idx in heads])
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics_tmp = out.parent / f".{out.name}.metrics-{os.getpid()}"
     log(f"training {run.train} params with {run.method}: {steps} steps × {run.batch_size}×{run.seq_len} tokens, "
@@ -226,6 +236,26 @@ def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
 
         shutil.rmtree(metrics_tmp, ignore_errors=True)
     return {**summary, "out": str(out), "adapter_bytes": (out / "adapter.safetensors").stat().st_size}
+
+
+def _warn_unreachable(options, settings, layers: list[int]) -> None:
+    """One warning line when the quoted schedule ends at a λ_learn the optimizer cannot carry to λ_init."""
+    import warnings
+
+    from .schedule import lambda_init_for_depth, lambda_reach
+    from .train import lr_at
+
+    if options.schedule != "quoted" or not layers:
+        return
+    lam_lr = settings.lambda_lr or settings.lr
+    reach = lambda_reach([lr_at(t, settings) * lam_lr / settings.lr for t in range(settings.steps)],
+                         options.lambda_learn_init)
+    target = min(lambda_init_for_depth(layer, options.lambda_init) for layer in layers)
+    if reach < target:
+        warnings.warn(f"the quoted λ schedule ends at λ = λ_learn, which AdamW can move by at most Σ lr: from "
+                      f"{options.lambda_learn_init} to about {reach:.3f} in {settings.steps} steps, below the λ_init "
+                      f"it anneals from ({target:.3f} and up); use --schedule additive or a larger --lambda-lr",
+                      UserWarning, stacklevel=3)
 
 
 def _choose_heads(run: DexRun, model, data, sites, choose_heads, importance_cost, log):

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
-from .schedule import dex_lambda, lambda_init_for_depth
+from .schedule import SCHEDULES, dex_lambda, lambda_init_for_depth
 
 # model_type -> family name; the attention modules of all of them feed o_proj a head-major (B, T, H·d)
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -77,6 +77,8 @@ class DEXOptions:
     lambda_init: str | float = "depth"   # "depth" (DIFF V1 schedule) or a constant
     lambda_learn_init: float = 0.0   # λ_learn initial value ("near zero")
     anneal_steps: int = 1000         # T of the λ schedule
+    schedule: str = "quoted"         # "additive" (λ = α·λ_init + λ_learn) or "quoted"; schedule.py. Configs written
+                                     # before the option existed read as "quoted", what they were trained with.
     lora_rank: int = 0               # only for method="lora"; 0 = match the DEX parameter count
 
     def __post_init__(self):
@@ -86,6 +88,8 @@ class DEXOptions:
             raise ValueError(f"f_d must be one of {', '.join(F_D_CHOICES)}, got {self.f_d!r}")
         if self.head_norm not in HEAD_NORMS:
             raise ValueError(f"head_norm must be one of {', '.join(HEAD_NORMS)}, got {self.head_norm!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.anneal_steps < 0:
             raise ValueError(f"anneal_steps must be >= 0, got {self.anneal_steps}")
         if self.lora_rank < 0:
@@ -198,7 +202,7 @@ class DEXOutputProjection(AdapterProjection):
     def current_lambda(self) -> torch.Tensor | float:
         if self.lambda_learn is None:  # linear control: O + O·W
             return -1.0
-        return dex_lambda(self.step, self.anneal_steps, self.lambda_init, self.lambda_learn)
+        return dex_lambda(self.step, self.anneal_steps, self.lambda_init, self.lambda_learn, self.options.schedule)
 
     def _transform(self, o_sel: torch.Tensor) -> torch.Tensor:
         """o_sel: (..., k, d) outputs of the selected heads → O' of the same shape."""

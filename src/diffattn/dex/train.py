@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..model.loss import lm_loss as _lm_loss
 from ..train.metrics import MetricsLog
-from ..train.optim import clip_grad_norm, set_lr, warmup_cosine_lr
+from ..train.optim import clip_grad_norm, warmup_cosine_lr
 
 from .surgery import DEXOutputProjection, adapter_modules, configure_trainable, set_dex_step
 
@@ -35,9 +35,9 @@ class TrainSettings:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     train_mode: str = "dex"
+    lambda_lr: float | None = None  # peak learning rate of λ_learn (its own AdamW group); None: ``lr``
     eval_every: int = 0           # 0 = only before and after
     val_tokens: int = 32_768
-    log_every: int = 10
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +79,18 @@ def lambda_values(model: nn.Module) -> dict[int, float]:
     return out
 
 
+@torch.no_grad()
+def lambda_wd_norms(model: nn.Module) -> dict[int, float]:
+    """‖λ·W_D‖_F per DEX layer: how much the differential term changes the heads' outputs (0 = the base)."""
+    out = {}
+    for m in adapter_modules(model):
+        if isinstance(m, DEXOutputProjection):
+            lam = m.current_lambda()
+            lam = float(lam.detach()) if torch.is_tensor(lam) else float(lam)
+            out[m.layer_idx] = abs(lam) * float(m.W_D.detach().float().norm())
+    return out
+
+
 def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_dir: Path | None = None,
                   progress: bool = True, log=print) -> dict:
     """Train in place; ``data`` provides ``batch(step)`` and ``val_batches(max_tokens)``. Returns a summary.
@@ -87,11 +99,16 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_di
     no_decay), the warm-up + cosine schedule, the global-norm clip (train/optim.py) and the fp32 loss."""
     params = configure_trainable(model, settings.train_mode)
     n_trainable = sum(p.numel() for p in params)
+    lams = {id(m.lambda_learn) for m in adapter_modules(model)
+            if isinstance(m, DEXOutputProjection) and m.lambda_learn is not None}
     decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"name": "decay", "params": decay, "weight_decay": settings.weight_decay},
-                             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}],
-                            lr=settings.lr, betas=(settings.beta1, settings.beta2))
+    no_decay = [p for p in params if p.dim() < 2 and id(p) not in lams]
+    groups = [{"name": "decay", "params": decay, "weight_decay": settings.weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    if lams:  # λ_learn: its own group, so its reach does not hinge on the adapter's learning rate
+        groups.append({"name": "lambda", "params": [p for p in params if id(p) in lams], "weight_decay": 0.0})
+    lr_scale = {"decay": 1.0, "no_decay": 1.0, "lambda": (settings.lambda_lr or settings.lr) / settings.lr}
+    opt = torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2))
     device = next(model.parameters()).device
     if metrics_dir is not None:
         Path(metrics_dir).mkdir(parents=True, exist_ok=True)
@@ -111,7 +128,8 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_di
         for step in range(settings.steps):
             set_dex_step(model, step)
             lr = lr_at(step, settings)
-            set_lr(opt, lr)
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_scale[group["name"]]
             x, y = data.batch(step)
             x, y = x.to(device), y.to(device)
             loss = lm_loss(model, x, y)
@@ -126,9 +144,13 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_di
             history.append(loss_value)
             lams = lambda_values(model)
             lam_mean = sum(lams.values()) / len(lams) if lams else None
-            if step % settings.log_every == 0 or step == settings.steps - 1:
-                emit({"step": step + 1, "tokens": tokens, "loss": loss_value, "lr": lr, "grad_norm": gnorm,
-                      "lambda_mean": lam_mean, "elapsed_s": round(time.time() - t0, 2)})
+            rec = {"step": step + 1, "tokens": tokens, "loss": loss_value, "lr": lr, "grad_norm": gnorm,
+                   "lambda_mean": lam_mean, "elapsed_s": round(time.time() - t0, 2)}
+            if lams:  # every step: per-layer λ (at this step's t) and ‖λ·W_D‖ after the update
+                rec.update(lambda_={str(k): round(v, 6) for k, v in lams.items()},
+                           lambda_wd={str(k): round(v, 6) for k, v in lambda_wd_norms(model).items()})
+                rec["lambda"] = rec.pop("lambda_")
+            emit(rec)
             if settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < settings.steps:
                 set_dex_step(model, step + 1)
                 emit({"step": step + 1, "tokens": tokens, **evaluate(model, data.val_batches(settings.val_tokens))})
@@ -151,4 +173,5 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_di
             "train_loss_last10": sum(history[-10:]) / len(history[-10:]) if history else None,
             "val_before": before, "val_after": after, "elapsed_s": round(elapsed, 2),
             "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
-            "lambda": {str(k): round(v, 6) for k, v in lambda_values(model).items()}}
+            "lambda": {str(k): round(v, 6) for k, v in lambda_values(model).items()},
+            "lambda_wd": {str(k): round(v, 6) for k, v in lambda_wd_norms(model).items()}}
