@@ -375,9 +375,10 @@ def fake_pkg(name, return_version=False):  # transformers' own probe: the packag
         return (state["installed"], "1.5.0" if state["installed"] else "N/A") if return_version else state["installed"]
     return real_pkg(name, return_version)
 iu._is_package_available = fake_pkg
-assert iu.is_accelerate_available() is False  # asked before the install: transformers caches the "no"
 importlib.util.find_spec = lambda name, *a: (real_find("json") if state["installed"] else None) \
-    if name in ("accelerate", "gguf") else real_find(name, *a)
+    if name in ("accelerate", "gguf") else real_find(name, *a)  # missing even where the venv has them
+iu.is_accelerate_available.cache_clear()  # importing transformers may have asked already (a venv that has it)
+assert iu.is_accelerate_available() is False  # asked before the install: transformers caches the "no"
 from diffattn.dex import bases
 def fake_pip(cmd, **kw):
     assert cmd[1:4] == ["-m", "pip", "install"], cmd

@@ -224,3 +224,20 @@ def test_decode_long_context_many_splits():
 def test_gpu_real_shapes_bf16(d):
     """On a GPU: the issue's shape class (T=1024 here to keep it short), bf16, fwd+bwd."""
     check_fwd_bwd(2, 8, 4, 1024, d, True, dtype=torch.bfloat16, tol=2e-2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_nn_layer_with_the_triton_kernel_equals_eager(causal):
+    """diffattn.nn.DiffAttention(kernel="triton") runs the fused kernel (GPU, or the interpreter on CPU) and equals
+    the eager layer, bidirectional and causal, self- and cross-attention (issue #17)."""
+    from diffattn import nn as dnn
+
+    torch.manual_seed(9)
+    eager = dnn.DiffAttention(64, 2, num_kv_heads=1, causal=causal, rope=10000.0, kernel="eager").to(DEVICE)
+    fused = dnn.DiffAttention(64, 2, num_kv_heads=1, causal=causal, rope=10000.0, kernel="triton").to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 12, 64, device=DEVICE)
+    torch.testing.assert_close(fused(x)[0], eager(x)[0], rtol=1e-4, atol=1e-5)
+    if not causal:
+        mem = torch.randn(2, 9, 64, device=DEVICE)
+        torch.testing.assert_close(fused(x, mem)[0], eager(x, mem)[0], rtol=1e-4, atol=1e-5)

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "diffattn"
 LAYERS: list[list[set[str]]] = [
     [{"utils", "fsutil", "variants", "config", "presets"}],  # foundation: no model code
     [{"model", "checkpoint"}],  # the model math and its weights on disk
+    [{"nn"}],  # the drop-in layers: the model's attention classes behind nn.MultiheadAttention's interface
     [{"data"}],  # corpora, tokenizers, shards
     [{"train"}, {"hf"}],  # the training loop; the Hugging Face bridge
     [{"eval"}],  # evaluation tasks over one adapter interface

@@ -45,7 +45,7 @@ class ProbeKernel(AttentionKernel):
     def __init__(self, attn, hook):
         self.attn, self.hook, self.calls, self._component = attn, hook, 0, None
 
-    def attend(self, q, k, v, *, mask=None, is_causal=True, scale, need_weights=False):
+    def attend(self, q, k, v, *, mask=None, is_causal=True, scale, need_weights=False, dropout_p=0.0):
         if self._component is not None:
             comp = torch.full((q.shape[1],), self._component, dtype=torch.long)
         else:
@@ -55,7 +55,8 @@ class ProbeKernel(AttentionKernel):
         return probe_kernel(q, k, v, mask=mask, is_causal=is_causal, scale=scale, need_weights=need_weights,
                             hook=lambda scores, allowed: self.hook(call, comp, scores, allowed))
 
-    def attend_differential(self, q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale, need_weights=False):
+    def attend_differential(self, q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale, need_weights=False,
+                            dropout_p=0.0):
         outs, maps = [], []
         for c, (q, k) in enumerate(((q1, k1), (q2, k2))):
             self._component = c

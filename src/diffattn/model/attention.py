@@ -97,8 +97,46 @@ class AttentionBase(KeepFP32Params):
         """Use ``kernel`` (a name or an :class:`AttentionKernel`) from the next call on."""
         self.kernel = get_kernel(kernel)
 
-    def _attend(self, q, k, v, mask, is_causal, need_weights):
-        return self.kernel.attend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, need_weights=need_weights)
+    def _attend(self, q, k, v, mask, is_causal, need_weights, kernel=None, dropout_p=0.0):
+        return (kernel or self.kernel).attend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale,
+                                              need_weights=need_weights, dropout_p=dropout_p)
+
+    # --- the forward, in the pieces the drop-in layers (diffattn.nn) share with the decoder -------------
+    # project_q/k/v(x): token-major projections (B, T, heads, ...); split(q, k, v, rope_q, rope_k): rotary
+    # (when given) and the heads-first layout the kernels take; combine(q, k, v, xq, ...): the kernel call(s)
+    # and the variant's algebra, returning (B, T, H_out·dv) before the output projection, and the maps.
+    def forward(self, x, rope: Rotary, *, mask=None, is_causal=True, cache: KVCache | None = None,
+                need_weights=False):
+        q, k, v = self.split(self.project_q(x), self.project_k(x), self.project_v(x), rope, rope)
+        if cache is not None:
+            k, v = self.cache_update(cache, k, v)  # (B, Hkv, S, ·)
+        out, maps = self.combine(q, k, v, x, mask=mask, is_causal=is_causal, need_weights=need_weights)
+        return self.o_proj(out), maps
+
+    def project_q(self, x):
+        b, t, _ = x.shape
+        return self.q_proj(x).view(b, t, -1, self.head_dim)  # (B, T, Hq, d)
+
+    def project_k(self, x):
+        b, s, _ = x.shape
+        return self.k_proj(x).view(b, s, -1, self.head_dim)  # (B, S, Hkv, d)
+
+    def project_v(self, x):
+        b, s, _ = x.shape
+        return self.v_proj(x).view(b, s, -1, self.head_dim)  # (B, S, Hkv, d)
+
+    def split(self, q, k, v, rope_q: Rotary | None, rope_k: Rotary | None):
+        if rope_q is not None:
+            q = rope_q(q)
+        if rope_k is not None:
+            k = rope_k(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d)
+
+    def cache_update(self, cache: KVCache, k, v):
+        return cache.update(self.layer_idx, k, v)
+
+    def combine(self, q, k, v, xq, *, mask=None, is_causal=True, need_weights=False, kernel=None, dropout_p=0.0):
+        raise NotImplementedError
 
     # --- what the pipeline asks of a variant ---------------------------------------------
     @torch.no_grad()
@@ -137,18 +175,10 @@ class StandardAttention(AttentionBase):
         self.v_proj = nn.Linear(dm, hkv * d, bias=False)
         self.o_proj = nn.Linear(h * d, dm, bias=False)
 
-    def forward(self, x, rope: Rotary, *, mask=None, is_causal=True, cache: KVCache | None = None,
-                need_weights=False):
-        b, t, _ = x.shape
-        d = self.head_dim
-        q = rope(self.q_proj(x).view(b, t, -1, d)).transpose(1, 2)  # (B, H, T, d)
-        k = rope(self.k_proj(x).view(b, t, -1, d)).transpose(1, 2)  # (B, Hkv, T, d)
-        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, d)
-        out, probs = self._attend(q, k, v, mask, is_causal, need_weights)  # (B, H, T, d)
+    def combine(self, q, k, v, xq, *, mask=None, is_causal=True, need_weights=False, kernel=None, dropout_p=0.0):
+        out, probs = self._attend(q, k, v, mask, is_causal, need_weights, kernel, dropout_p)  # (B, H, T, d)
         maps = AttentionMaps(probs) if need_weights else None
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), maps
+        return out.transpose(1, 2).flatten(2), maps
 
 
 class DiffV1Attention(AttentionBase):
@@ -211,11 +241,33 @@ class DiffV1Attention(AttentionBase):
         self.q_proj = nn.Linear(dm, 2 * h * d, bias=False)
         self.k_proj = nn.Linear(dm, 2 * hkv * d, bias=False)
 
-    def project_qk(self, x) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return q (B, T, H, 2, d) and k (B, T, Hkv, 2, d); [..., c, :] is component c+1."""
+    def project_q(self, x):
+        """q (B, T, H, 2, d); [..., c, :] is component c+1 (sub-heads 2h, 2h+1)."""
         b, t, _ = x.shape
-        d = self.head_dim
-        return self.q_proj(x).view(b, t, -1, 2, d), self.k_proj(x).view(b, t, -1, 2, d)
+        return self.q_proj(x).view(b, t, -1, 2, self.head_dim)
+
+    def project_k(self, x):
+        """k (B, S, Hkv, 2, d)."""
+        b, s, _ = x.shape
+        return self.k_proj(x).view(b, s, -1, 2, self.head_dim)
+
+    def project_v(self, x):
+        """v (B, S, Hkv, 2d): both components read the same 2d-wide value."""
+        b, s, _ = x.shape
+        return self.v_proj(x).view(b, s, -1, 2 * self.head_dim)
+
+    def split(self, q, k, v, rope_q, rope_k):
+        """-> (q1, q2) (B, H, T, d), (k1, k2) (B, Hkv, S, d), v (B, Hkv, S, 2d); rotary on every d-wide sub-head."""
+        if rope_q is not None:
+            q = rope_q(q.flatten(2, 3)).view_as(q)
+        if rope_k is not None:
+            k = rope_k(k.flatten(2, 3)).view_as(k)
+        return ((q[:, :, :, 0].transpose(1, 2), q[:, :, :, 1].transpose(1, 2)),
+                (k[:, :, :, 0].transpose(1, 2), k[:, :, :, 1].transpose(1, 2)), v.transpose(1, 2))
+
+    def cache_update(self, cache: KVCache, k, v):
+        k1, k2, v = cache.update(self.layer_idx, k[0], k[1], v)
+        return (k1, k2), v
 
     # --- λ (Eq. 2) ------------------------------------------------------------------------
     def lambda_full(self) -> torch.Tensor:
@@ -225,21 +277,13 @@ class DiffV1Attention(AttentionBase):
         l2 = torch.exp(torch.dot(self.lambda_q2.to(dt), self.lambda_k2.to(dt)))
         return l1 - l2 + self.lambda_init
 
-    def forward(self, x, rope: Rotary, *, mask=None, is_causal=True, cache: KVCache | None = None,
-                need_weights=False):
-        b, t, _ = x.shape
-        q, k = self.project_qk(x)
-        q = rope(q.flatten(2, 3)).view_as(q)  # rotary on every d-wide sub-head (2h, 2h+1)
-        k = rope(k.flatten(2, 3)).view_as(k)
-        q1, q2 = q[:, :, :, 0].transpose(1, 2), q[:, :, :, 1].transpose(1, 2)  # (B, H, T, d)
-        k1, k2 = k[:, :, :, 0].transpose(1, 2), k[:, :, :, 1].transpose(1, 2)  # (B, Hkv, T, d)
-        v = self.v_proj(x).view(b, t, -1, 2 * self.head_dim).transpose(1, 2)  # (B, Hkv, T, 2d)
-        if cache is not None:
-            k1, k2, v = cache.update(self.layer_idx, k1, k2, v)  # (B, Hkv, S, ·)
+    def combine(self, q, k, v, xq, *, mask=None, is_causal=True, need_weights=False, kernel=None, dropout_p=0.0):
+        (q1, q2), (k1, k2) = q, k
         lam = self.lambda_full()
         # Eq. 1: (A1 − λ·A2)·V, (B, H, T, 2d); a fused kernel computes both maps in one pass
-        out, probs = self.kernel.attend_differential(q1, q2, k1, k2, v, lam, mask=mask, is_causal=is_causal,
-                                                     scale=self.scale, need_weights=need_weights)
+        out, probs = (kernel or self.kernel).attend_differential(q1, q2, k1, k2, v, lam, mask=mask, is_causal=is_causal,
+                                                                 scale=self.scale, need_weights=need_weights,
+                                                                 dropout_p=dropout_p)
         if self.head_norm is not None:
             out = self.head_norm(out)
         out = out * (1.0 - self.lambda_init)  # Eq. 3: aligns gradients with a Transformer
@@ -247,7 +291,7 @@ class DiffV1Attention(AttentionBase):
         if need_weights:
             p1, p2 = probs
             maps = AttentionMaps(p1 - lam.to(p1.dtype) * p2, torch.stack((p1, p2), dim=2))
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), maps
+        return out.transpose(1, 2).flatten(2), maps
 
 
 class SharedDiffAttention(DiffV1Attention):
@@ -285,17 +329,19 @@ class SharedDiffAttention(DiffV1Attention):
         self.q_up = nn.Parameter(torch.zeros(2, r, h * d))  # B^Q_1, B^Q_2
         self.k_up = nn.Parameter(torch.zeros(2, r, hkv * d))  # B^K_1, B^K_2
 
-    def project_qk(self, x):
+    def _shared(self, x, base, down, up):
         b, t, _ = x.shape
         d, r = self.head_dim, self.config.shared_rank
+        low = down(x).view(b, t, 2, r)  # (X·A_c) for c = 1, 2
+        upd = torch.einsum("btcr,crn->btcn", low, up.to(low.dtype))  # (X·A_c)·B_c
+        out = base(x).unsqueeze(2) + upd  # (B, T, 2, n·d)
+        return out.view(b, t, 2, -1, d).transpose(2, 3)  # (B, T, n, 2, d)
 
-        def shared(base, down, up):
-            low = down(x).view(b, t, 2, r)  # (X·A_c) for c = 1, 2
-            upd = torch.einsum("btcr,crn->btcn", low, up.to(low.dtype))  # (X·A_c)·B_c
-            out = base(x).unsqueeze(2) + upd  # (B, T, 2, n·d)
-            return out.view(b, t, 2, -1, d).transpose(2, 3)  # (B, T, n, 2, d)
+    def project_q(self, x):
+        return self._shared(x, self.q_base, self.q_down, self.q_up)
 
-        return shared(self.q_base, self.q_down, self.q_up), shared(self.k_base, self.k_down, self.k_up)
+    def project_k(self, x):
+        return self._shared(x, self.k_base, self.k_down, self.k_up)
 
 
 class DiffV2Attention(AttentionBase):
@@ -331,24 +377,16 @@ class DiffV2Attention(AttentionBase):
         self.lambda_proj = nn.Linear(dm, h, bias=False)  # W_λ
         self.o_proj = nn.Linear(h * d, dm, bias=False)
 
-    def forward(self, x, rope: Rotary, *, mask=None, is_causal=True, cache: KVCache | None = None,
-                need_weights=False):
-        b, t, _ = x.shape
-        d = self.head_dim
-        q = rope(self.q_proj(x).view(b, t, -1, d)).transpose(1, 2)  # (B, 2H, T, d)
-        k = rope(self.k_proj(x).view(b, t, -1, d)).transpose(1, 2)  # (B, Hkv, T, d)
-        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        c, probs = self._attend(q, k, v, mask, is_causal, need_weights)  # (B, 2H, T, d)
+    def combine(self, q, k, v, xq, *, mask=None, is_causal=True, need_weights=False, kernel=None, dropout_p=0.0):
+        c, probs = self._attend(q, k, v, mask, is_causal, need_weights, kernel, dropout_p)  # (B, 2H, T, d)
         # λ per token and head, sigmoid computed in fp32: (B, T, H) -> (B, H, T, 1)
-        lam = torch.sigmoid(self.lambda_proj(x).to(compute_dtype(x.dtype))).transpose(1, 2).unsqueeze(-1)
+        lam = torch.sigmoid(self.lambda_proj(xq).to(compute_dtype(xq.dtype))).transpose(1, 2).unsqueeze(-1)
         out = c[:, 0::2] - lam.to(c.dtype) * c[:, 1::2]  # (B, H, T, d)
         maps = None
         if need_weights:
             p1, p2 = probs[:, 0::2], probs[:, 1::2]
             maps = AttentionMaps(p1 - lam.to(p1.dtype) * p2, torch.stack((p1, p2), dim=2))
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), maps
+        return out.transpose(1, 2).flatten(2), maps
 
 
 def attention_class(attention: str) -> type[AttentionBase]:

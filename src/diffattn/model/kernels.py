@@ -51,7 +51,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, is_causal: b
         raise ValueError(f"value width {v.shape[-1]} is not a multiple of query/key width {q.shape[-1]}")
 
 
-def eager_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=False, logits_hook=None):
+def eager_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=False, logits_hook=None,
+                    dropout_p=0.0):
     """Reference kernel: materialises the (B, Hq, T, S) maps; softmax in fp32 (fp64 for fp64 inputs).
 
     ``logits_hook(scores, allowed)``, when given, sees the fp32 logits QKᵀ·scale (B, Hq, T, S) and the boolean
@@ -76,11 +77,12 @@ def eager_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=F
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs.to(v.dtype), v)
+    dropped = torch.nn.functional.dropout(probs, dropout_p) if dropout_p else probs  # the returned maps: before it
+    out = torch.matmul(dropped.to(v.dtype), v)
     return out, (probs if need_weights else None)
 
 
-def sdpa_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=False):
+def sdpa_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=False, dropout_p=0.0):
     """torch's fused scaled_dot_product_attention; never materialises T×S maps itself.
 
     DIFF V1 values are wider than queries (dv = 2·d), which the fused SDPA back ends do not
@@ -95,7 +97,7 @@ def sdpa_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=Fa
     causal = is_causal and mask is None
 
     def call(v_part):
-        return F.scaled_dot_product_attention(q, k, v_part, attn_mask=mask, is_causal=causal,
+        return F.scaled_dot_product_attention(q, k, v_part, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
                                               scale=scale, enable_gqa=gqa)
 
     d = q.shape[-1]
@@ -215,13 +217,18 @@ class AttentionKernel:
     returns_maps = False  # whether need_weights=True is served
     fuses_differential = False  # whether attend_differential has a fused path (else two attend calls)
 
-    def attend(self, q, k, v, *, mask=None, is_causal=True, scale, need_weights=False):
+    def attend(self, q, k, v, *, mask=None, is_causal=True, scale, need_weights=False, dropout_p=0.0):
         raise NotImplementedError
 
-    def attend_differential(self, q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale, need_weights=False):
-        """(A1 − λ·A2)·V: two ``attend`` calls and the subtraction (Eq. 1); maps (p1, p2) when asked."""
-        a1, p1 = self.attend(q1, k1, v, mask=mask, is_causal=is_causal, scale=scale, need_weights=need_weights)
-        a2, p2 = self.attend(q2, k2, v, mask=mask, is_causal=is_causal, scale=scale, need_weights=need_weights)
+    def attend_differential(self, q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale, need_weights=False,
+                            dropout_p=0.0):
+        """(A1 − λ·A2)·V: two ``attend`` calls and the subtraction (Eq. 1); maps (p1, p2) when asked.
+        ``dropout_p``: dropout on the attention weights (each map its own mask), training only."""
+        kw = dict(mask=mask, is_causal=is_causal, scale=scale, need_weights=need_weights)
+        if dropout_p:
+            kw["dropout_p"] = dropout_p
+        a1, p1 = self.attend(q1, k1, v, **kw)
+        a2, p2 = self.attend(q2, k2, v, **kw)
         return a1 - lam.to(a1.dtype) * a2, ((p1, p2) if need_weights else None)
 
     def __call__(self, q, k, v, **kwargs):  # a kernel object is also the plain attention function
@@ -240,16 +247,18 @@ class FunctionKernel(AttentionKernel):
         self.name, self.attend_fn, self.fused_fn, self.returns_maps = name, attend_fn, fused_fn, returns_maps
         self.fuses_differential = fused_fn is not None
 
-    def attend(self, q, k, v, *, mask=None, is_causal=True, scale, need_weights=False):
-        return self.attend_fn(q, k, v, mask=mask, is_causal=is_causal, scale=scale, need_weights=need_weights)
+    def attend(self, q, k, v, *, mask=None, is_causal=True, scale, need_weights=False, dropout_p=0.0):
+        kw = {"dropout_p": dropout_p} if dropout_p else {}
+        return self.attend_fn(q, k, v, mask=mask, is_causal=is_causal, scale=scale, need_weights=need_weights, **kw)
 
-    def attend_differential(self, q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale, need_weights=False):
-        if self.fused_fn is not None and not need_weights:  # fused: both maps in one pass, λ in its epilogue
+    def attend_differential(self, q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale, need_weights=False,
+                            dropout_p=0.0):
+        if self.fused_fn is not None and not need_weights and not dropout_p:  # fused: both maps in one pass
             out = self.fused_fn(q1, q2, k1, k2, v, lam, mask=mask, is_causal=is_causal, scale=scale)
             if out is not None:
                 return out, None
         return super().attend_differential(q1, q2, k1, k2, v, lam, mask=mask, is_causal=is_causal, scale=scale,
-                                           need_weights=need_weights)
+                                           need_weights=need_weights, dropout_p=dropout_p)
 
 
 # "triton": standard/V2 attention (and DIFF calls with an explicit mask) go to SDPA, whose flash
