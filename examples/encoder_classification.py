@@ -103,7 +103,7 @@ def run(variant: str, seed: int, train, test, n_classes: int, args) -> dict:
         for ids, labels in batches(test, 256, args.max_words, None):
             correct += int((model(ids).argmax(-1) == labels).sum())
     return {"variant": variant, "seed": seed, "accuracy": correct / len(test), "params": params,
-            "attention_layers": len(replaced), "train_s": round(time.time() - t0, 1), "final_loss": float(loss)}
+            "attention_layers": len(replaced), "train_s": round(time.time() - t0, 1), "final_loss": float(loss.detach())}
 
 
 def main(argv=None) -> int:

@@ -441,3 +441,51 @@ def test_quoted_schedule_that_cannot_reach_lambda_init_warns(tiny_base, tmp_path
         warnings.simplefilter("always")
         rc, _, err = run(["adapt", "dex", *common, "--out", str(tmp_path / "a")], capsys)
     assert rc == 0 and not [w for w in seen if "λ schedule" in str(w.message)]  # additive reaches λ_init by construction
+
+
+def test_retrieval_rows_in_the_adaptation_stream(tiny_base, tmp_path):
+    """--retrieval-share replaces that share of the training rows by needle-retrieval sequences from the train
+    split, the same rows for every arm (a pure function of seed and step); validation windows are untouched."""
+    from transformers import AutoTokenizer
+
+    from diffattn.dex.data import prepare_text
+
+    base, texts = tiny_base
+    tok = AutoTokenizer.from_pretrained(base)
+    shards = prepare_text(texts, tok, log=lambda m: None)
+    plain = AdaptationData(shards, seq_len=96, batch_size=8, seed=0, bos_id=None)
+    mixed = AdaptationData(shards, seq_len=96, batch_size=8, seed=0, bos_id=None, retrieval_share=0.5, tokenizer=tok)
+    again = AdaptationData(shards, seq_len=96, batch_size=8, seed=0, bos_id=None, retrieval_share=0.5, tokenizer=tok)
+    changed = 0
+    for step in range(4):
+        (x0, _), (x1, y1), (x2, y2) = plain.batch(step), mixed.batch(step), again.batch(step)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        changed += int((x0 != x1).any(1).sum())
+        assert torch.equal(x1[:, 1:], y1[:, :-1])  # still next-token pairs
+    assert 8 <= changed <= 24  # about half of the 32 rows
+    torch.testing.assert_close(next(iter(mixed.val_batches(96)))[0], next(iter(plain.val_batches(96)))[0])
+
+
+@pytest.mark.slow
+def test_study_runs_arms_with_seeds_resumes_and_reports_verdicts(tiny_base, tmp_path):
+    """The DEX study (python -m diffattn.dex.study): DEX and linear with 2 seeds, the same retrieval-mixed stream,
+    merged and evaluated; a second run finds every arm and evaluation done and runs nothing; the summary has
+    seed-paired verdicts."""
+    from diffattn.dex import study
+
+    base, texts = tiny_base
+    out = tmp_path / "study"
+    argv = ["--out", str(out), "--base", str(base), "--text", *texts, "--arms", "dex", "linear", "--seeds", "2",
+            "--steps", "4", "--batch-size", "2", "--seq-len", "96", "--val-tokens", "96", "--evals", "ppl",
+            "--retrieval-share", "0.25", "--device", "cpu"]
+    assert study.main(argv) == 0
+    for arm in ("dex", "dex-s1", "linear", "linear-s1"):
+        cfg = json.loads((out / arm / "adapter_config.json").read_text())
+        assert cfg["training"]["seed"] == (1 if arm.endswith("-s1") else 0)
+    assert (json.loads((out / "linear-s1" / "adapter_config.json").read_text())["heads"]
+            == json.loads((out / "dex-s1" / "adapter_config.json").read_text())["heads"])  # the same heads per seed
+    summary = (out / "summary.md").read_text()
+    assert "## Verdicts (seed-paired)" in summary and "| DEX vs linear | ppl" in summary
+    n_commands = len(json.loads((out / "study.json").read_text())["commands"])
+    assert study.main(argv) == 0  # resumed: everything is there already
+    assert len(json.loads((out / "study.json").read_text())["commands"]) == n_commands

@@ -128,7 +128,11 @@ def with_bos(x: torch.Tensor, y: torch.Tensor, bos_id: int | None) -> tuple[torc
 class AdaptationData:
     """Train sampler, validation windows and calibration windows over one shard directory."""
 
-    def __init__(self, shard_dir: str | Path, *, seq_len: int, batch_size: int, seed: int, bos_id: int | None):
+    def __init__(self, shard_dir: str | Path, *, seq_len: int, batch_size: int, seed: int, bos_id: int | None,
+                 retrieval_share: float = 0.0, tokenizer=None):
+        """``retrieval_share``: that share of the training rows are needle-retrieval sequences built from the
+        *train* split (eval/needle_mix.py: cities and numbers disjoint from the evaluation's), with
+        ``tokenizer`` (a Hugging Face tokenizer); every arm of a study then sees the identical stream."""
         from ..data.loader import TokenShards, WindowSampler
 
         self.dir = Path(shard_dir)
@@ -140,6 +144,22 @@ class AdaptationData:
             raise ValueError(f"--seq-len {seq_len} is too short")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.sampler = WindowSampler(self.train, self.body, batch_size, seed)
+        self.retrieval_share = float(retrieval_share)
+        if self.retrieval_share > 0:
+            self.sampler = self._retrieval_mix(tokenizer, seed)
+
+    def _retrieval_mix(self, tokenizer, seed: int):
+        from ..eval.needle_mix import NeedleMixSampler
+        from ..eval.tokenizer import TextTokenizer
+
+        if tokenizer is None:
+            raise ValueError("--retrieval-share needs the base model's tokenizer")
+        tok = TextTokenizer.from_hf(tokenizer)
+        tok.__dict__["prefix_ids"] = []  # the windows get their BOS from with_bos(), not from the needle generator
+        stream = [int(t) for t in self.train.window(0, min(len(self.train), 200_000))]  # haystack: train text
+        haystack = [tok.decode(stream[i:i + 512]) for i in range(0, len(stream), 512)]
+        return NeedleMixSampler(self.sampler, tok, haystack, share=self.retrieval_share, seed=seed, max_needles=6,
+                                eos_id=tok.eos_id if tok.eos_id is not None else 0)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return with_bos(*self.sampler.batch(step), self.bos_id)

@@ -64,6 +64,8 @@ class DexRun:
     seq_len: int = opt(256, "tokens per sequence", group=_DATA)
     val_tokens: int = opt(32_768, "validation tokens (before/after perplexity)", group=_DATA)
     eval_every: int = opt(0, "also evaluate every N steps (0: before/after only)", group=_DATA)
+    retrieval_share: float = opt(0.0, "share of training rows replaced by needle-retrieval sequences built from the "
+                                      "train split (cities and numbers disjoint from the evaluation's)", group=_DATA)
     heads: str = opt("entropy", "entropy (highest attention entropy) | importance (lowest loss increase when "
                                 "zeroed) | all | LAYER:HEAD,...", group=_HEADS)
     fraction: float = opt(0.5, "heads per layer, as a fraction", group=_HEADS)
@@ -113,6 +115,8 @@ class DexRun:
             raise ValueError("--lr must be > 0")
         if self.lambda_lr is not None and self.lambda_lr < 0:
             raise ValueError("--lambda-lr must be >= 0")
+        if not 0.0 <= self.retrieval_share <= 1.0:
+            raise ValueError(f"--retrieval-share must be in [0, 1], got {self.retrieval_share}")
         if self.steps is not None and self.steps < 1:
             raise ValueError("--steps must be >= 1")
         self.dex_options()  # DEXOptions validates f_d, head_norm, λ settings, the method
@@ -200,7 +204,8 @@ def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
     bos_id = None
     if base.prepend_bos:
         bos_id = getattr(tok, "bos_token_id", None) if tok is not None else getattr(model.config, "bos_token_id", None)
-    data = AdaptationData(shard_dir, seq_len=run.seq_len, batch_size=run.batch_size, seed=run.seed, bos_id=bos_id)
+    data = AdaptationData(shard_dir, seq_len=run.seq_len, batch_size=run.batch_size, seed=run.seed, bos_id=bos_id,
+                          retrieval_share=run.retrieval_share, tokenizer=tok)
     info = data.describe()
     log(f"data: {shard_dir} ({info['train_tokens']:,} train / {info['val_tokens']:,} val tokens)")
     steps, T = run.budget(device)

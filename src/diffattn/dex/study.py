@@ -1,15 +1,20 @@
 """The DEX study (docs/results/dex.md): base model vs DEX vs parameter-matched controls on the same tokens.
 
-    python -m diffattn.dex.study --out runs/dex-study                 # CPU-sized (the committed run)
-    python -m diffattn.dex.study --out runs/dex-study-gpu --steps 512 --batch-size 16 --device cuda
+    python -m diffattn.dex.study --out runs/dex-study                 # CPU-sized (docs/results/dex.md)
+    python -m diffattn.dex.study --out runs/dex-study --preset gpu    # one H100/H200 in bf16 (about 8M tokens/arm)
 
-Arms (all with the same seed, hence the same training batches, the same heads and the same budget):
+Arms (every arm of a seed sees the same training batches, the same heads and the same budget):
 
 * ``base``: the unmodified model;
-* ``dex``: DEX, default options (entropy-selected heads, W_D per layer, λ schedule, ``--train dex``);
+* ``dex``: DEX with the defaults (entropy-selected heads, W_D per layer, the additive λ schedule, ``--train dex``);
+* ``dex-quoted``: the same with the quoted schedule (λ = λ_learn after T: the collapse the issue measured);
 * ``linear``: control, O + O·W on the same heads, no λ/schedule (same function class as DEX);
-* ``lora``: control, rank-matched LoRA on ``o_proj`` of the same layers (no differential structure).
-* ``dex-lambda0.5`` (optional, ``--arms ... dex-lambda0.5``): DEX with λ_learn starting at 0.5 instead of 0.
+* ``lora``: control, rank-matched LoRA on ``o_proj`` of the same layers (no differential structure);
+* optional: ``all`` (DEX trained together with every base weight, ``--train all``), ``dex-lambda0.5``.
+
+``--seeds N`` runs the DEX and linear arms with N seeds (``dex-s1`` is seed 1, ...), for seed-paired verdicts.
+A killed study resumes per arm: a finished arm (its adapter_config.json) and a finished evaluation
+(its results.json) are not run again.
 
 Each arm is trained with ``diffattn adapt dex``, merged with ``diffattn adapt load --merge`` (a stock
 model directory), then evaluated with ``diffattn eval`` tasks (small CPU grids, listed in the report).
@@ -29,10 +34,16 @@ import sys
 import time
 from pathlib import Path
 
-ARMS = {"dex": [], "linear": ["--control", "linear"], "lora": ["--control", "lora"],
+ARMS = {"dex": [], "dex-quoted": ["--schedule", "quoted"], "linear": ["--control", "linear"],
+        "lora": ["--control", "lora"], "all": ["--train", "all"],
         # sensitivity to the UNCONFIRMED "λ_learn starts near zero": the same DEX with λ_learn starting at 0.5
         "dex-lambda0.5": ["--lambda-learn-init", "0.5"]}
-DEFAULT_ARMS = ["dex", "linear", "lora"]
+DEFAULT_ARMS = ["dex", "dex-quoted", "linear", "lora"]
+SEEDED_ARMS = ("dex", "linear")  # run with every seed of --seeds (the others with seed 0)
+PRESETS = {  # budget per arm
+    "cpu": dict(steps=64, batch_size=4, seq_len=512, lr=2e-3, device="cpu"),       # 131k tokens/arm
+    "gpu": dict(steps=1024, batch_size=16, seq_len=512, lr=1e-3, device="cuda"),   # 8.4M tokens/arm
+}
 CLEAN_TEXT = ("source:sotu", "source:shakespeare", "source:moby_dick")  # the default corpus minus the sources the evaluations use
 
 
@@ -53,18 +64,20 @@ def _cmd(args: list[str], log: list, out: Path, name: str, timeout: float | None
     return rc
 
 
-def eval_grids(shard_dir: str, scale: int = 1) -> dict[str, list[str]]:
-    """The `diffattn eval TASK` options of each task: CPU-sized grids (2 cores), ``scale`` multiplies the samples."""
+def eval_grids(shard_dir: str, scale: int = 1, preset: str = "cpu", seq_len: int = 512) -> dict[str, list[str]]:
+    """The `diffattn eval TASK` options of each task (issue #16's set): perplexity; multi-needle at 1-2K tokens, N/R
+    1/1, 4/2, 6/2; ICL with more shots on wordnet-supersense and bbc-topic; the hallucination proxy. CPU-sized
+    grids by default (2 cores); ``scale`` multiplies the samples; ``preset="gpu"`` adds 2K prompts and 32 shots."""
     c = lambda *xs: ",".join(str(x) for x in xs)  # noqa: E731  (list options are comma-separated)
+    gpu = preset == "gpu"
     return {
-        "needle": ["--data", shard_dir, "--nr", c("1/1", "4/2"), "--lengths", "768", "--samples", str(4 * scale),
-                   "--depths", c(0, 25, 50, 75, 100)],
-        "icl": ["--datasets", "bbc-topic", "--shots", c(4, 8), "--runs", str(2 * scale), "--test-size", str(50 * scale),
-                "--robust-shots", "8", "--permutations", str(4 * scale), "--arrangements", c("random", "alternating"),
-                "--robust-test-size", str(30 * scale)],
+        "ppl": ["--data", shard_dir, "--max-tokens", "32768", "--seq-len", str(seq_len)],  # the training windows
+        "needle": ["--data", shard_dir, "--nr", c("1/1", "4/2", "6/2"), "--lengths", c(1024, 2048) if gpu else "1024",
+                   "--samples", str((10 if gpu else 2) * scale), "--depths", c(0, 50, 100)],
+        "icl": ["--datasets", c("wordnet-supersense", "bbc-topic"), "--shots", c(8, 16, 32) if gpu else c(8, 16),
+                "--runs", str(scale), "--test-size", str(40 * scale), "--no-robustness"],
+        "hallucination": ["--datasets", "bbc-headline", "--samples", str(20 * scale)],
         "attention-noise": ["--data", shard_dir, "--length", "512", "--samples", str(2 * scale)],
-        "hallucination": ["--datasets", "bbc-headline", "--samples", str(30 * scale)],
-        "ppl": ["--data", shard_dir, "--max-tokens", "32768", "--seq-len", "256"],
     }
 
 
@@ -72,21 +85,28 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--base", default="smollm2")
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="budget per arm (default: cpu)")
+    p.add_argument("--steps", type=int, help="optimizer steps per arm (default: the preset's)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seeds", type=int, default=2, help=f"seeds of the {' and '.join(SEEDED_ARMS)} arms")
+    p.add_argument("--retrieval-share", type=float, default=0.25,
+                   help="share of training rows that are needle-retrieval sequences (every arm the same)")
     p.add_argument("--val-tokens", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
     # the evaluation sets are built from the BBC and Wikipedia sources of the default corpus: adapting on them
     # would train on the evaluated articles, so the study adapts on the rest of the default corpus
     p.add_argument("--text", nargs="+", default=list(CLEAN_TEXT), help="adaptation text (default: %(default)s)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device")
     p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
-    p.add_argument("--evals", nargs="*", default=["needle", "icl", "attention-noise", "hallucination"])
+    p.add_argument("--evals", nargs="*", default=["ppl", "needle", "icl", "hallucination"])
     p.add_argument("--eval-timeout", type=float, default=3600)
     p.add_argument("--grid-scale", type=int, default=1, help="multiply the evaluation sample counts")
     args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,19 +114,24 @@ def main(argv=None) -> int:
     prev = _load(out / "study.json")  # a resumed study keeps the record of the commands that already ran
     log: list = list(prev.get("commands", [])) if isinstance(prev, dict) else []
     t0 = time.time()
+    runs = []  # (name, arm, seed)
     for arm in args.arms:
+        seeds = range(args.seeds) if arm in SEEDED_ARMS else [0]
+        runs += [(arm if seed == 0 else f"{arm}-s{seed}", arm, args.seed + seed) for seed in seeds]
+    for name, arm, seed in runs:
         extra = list(ARMS[arm])
-        dex_cfg = out / "dex" / "adapter_config.json"
-        if arm == "linear" and dex_cfg.is_file():  # exactly DEX's heads, without recalibrating
+        dex_cfg = out / ("dex" if seed == args.seed else f"dex-s{seed - args.seed}") / "adapter_config.json"
+        if arm == "linear" and dex_cfg.is_file():  # exactly DEX's heads (of the same seed), without recalibrating
             heads = json.loads(dex_cfg.read_text())["heads"]
             extra += ["--heads", ",".join(f"{l}:{h}" for l, hs in heads.items() for h in hs)]
         elif arm == "lora":  # LoRA acts on o_proj as a whole: heads only pick layers (all of them)
             extra += ["--heads", "all"]
+        arm = name
         if not (out / arm / "adapter_config.json").is_file():
             rc = _cmd(da + ["adapt", "dex", "--base", args.base, "--out", str(out / arm), "--steps", str(args.steps),
                             "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
-                            "--val-tokens", str(args.val_tokens), "--seed", str(args.seed), "--device", args.device,
-                            "--text", *args.text,
+                            "--val-tokens", str(args.val_tokens), "--seed", str(seed), "--device", args.device,
+                            "--text", *args.text, "--retrieval-share", str(args.retrieval_share),
                             "--no-progress", *extra], log, out, f"train-{arm}")
             if rc:
                 return rc
@@ -119,8 +144,8 @@ def main(argv=None) -> int:
     from .bases import resolve_base_path
     base_dir, _, _ = resolve_base_path(args.base, log=lambda m: None)
     shard_dir = json.loads((out / args.arms[0] / "adapter_config.json").read_text())["training"]["data"]["dir"]
-    models = {"base": str(base_dir), **{arm: str(out / f"{arm}-merged") for arm in args.arms}}
-    grids = eval_grids(shard_dir, args.grid_scale)
+    models = {"base": str(base_dir), **{name: str(out / f"{name}-merged") for name, _, _ in runs}}
+    grids = eval_grids(shard_dir, args.grid_scale, args.preset, args.seq_len)
     for task in args.evals:
         for name, model in models.items():
             dest = out / "eval" / f"{name}-{task}"
@@ -139,7 +164,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     (out / "study.json").write_text(json.dumps(meta, indent=1) + "\n")
-    (out / "summary.md").write_text(summarize(out, ["base", *args.arms]))
+    (out / "summary.md").write_text(summarize(out, ["base", *[name for name, _, _ in runs]]))
     print((out / "summary.md").read_text())
     return 0
 
@@ -149,6 +174,48 @@ def _load(path: Path):
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def _metrics(out: Path, name: str) -> dict:
+    """The headline numbers of one arm: val loss (the adapter's own before/after evaluation), eval-task ppl,
+    needle accuracy (mean over N/R), ICL accuracy (mean over datasets and shots), unsupported rate."""
+    ev = out / "eval"
+    res = lambda task: ((_load(ev / f"{name}-{task}" / "results.json") or {}).get("results"))  # noqa: E731
+    m = {}
+    r = res("ppl")
+    if r:
+        m["ppl"] = r.get("perplexity")
+    r = res("needle")
+    if r:
+        m["needle"] = sum(b["accuracy"] for b in r["by_nr"]) / len(r["by_nr"])
+    r = res("icl")
+    if r:
+        accs = [c["accuracy_mean"] for d in r["datasets"] for c in d["curve"]]
+        m["icl"] = sum(accs) / len(accs) if accs else None
+    r = res("hallucination")
+    if r:
+        rates = [d.get("unsupported_rate") for d in r["datasets"] if d.get("unsupported_rate") is not None]
+        m["unsupported"] = sum(rates) / len(rates) if rates else None
+    return m
+
+
+def verdicts(out: Path, names: list[str]) -> list[str]:
+    """Seed-paired verdicts (utils/stats.py VERDICT_RULE) of DEX against the base model and the linear control."""
+    from ..utils.stats import VERDICT_RULE, verdict
+
+    seeds = sorted({0, *[int(n.rsplit("-s", 1)[1]) for n in names if n.startswith(("dex-s", "linear-s"))]})
+    arm = lambda base, k: base if k == 0 else f"{base}-s{k}"  # noqa: E731
+    rows = []
+    for metric, better, margin in (("ppl", "lower", 0.5), ("needle", "higher", 0.05), ("icl", "higher", 0.02),
+                                   ("unsupported", "lower", 0.02)):
+        dex = [_metrics(out, arm("dex", k)).get(metric) for k in seeds]
+        for other in ("base", "linear"):
+            ref = [_metrics(out, "base" if other == "base" else arm("linear", k)).get(metric) for k in seeds]
+            v = verdict(dex, ref, better, min_effect=margin)
+            rows.append(f"| DEX vs {other} | {metric} ({better} is better) | {_f(v.diff, 4)} | {v.verdict} | "
+                        f"{v.reason} |")
+    return ["", "## Verdicts (seed-paired)", "", VERDICT_RULE, "",
+            "| comparison | metric | mean difference | verdict | why |", "|---|---|---|---|---|", *rows]
 
 
 def summarize(out: Path, names: list[str]) -> str:
@@ -223,6 +290,15 @@ def summarize(out: Path, names: list[str]) -> str:
     if rows:
         lines += ["", "## Contextual hallucination proxy (lexical 'unsupported' rate; lower is better)", "",
                   "| arm | dataset | unsupported rate | faithful share | ROUGE-L F1 |", "|---|---|---|---|---|"] + rows
+    rows = []
+    for name in names:
+        r = (_load(ev / f"{name}-ppl" / "results.json") or {}).get("results")
+        if r:
+            rows.append(f"| {name} | {_f(r.get('perplexity'))} | {_f(r.get('val_loss'), 4)} |")
+    if rows:
+        lines += ["", "## Perplexity on held-out adaptation text (diffattn eval ppl)", "", "| arm | ppl | NLL |",
+                  "|---|---|---|"] + rows
+    lines += verdicts(out, names)
     return "\n".join(lines) + "\n"
 
 

@@ -7,11 +7,8 @@ tokens and 3B parameters; a CPU-sized study cannot reproduce their *magnitude*, 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Mapping, Sequence
-
-from ..utils import stats
+from ..utils.stats import (INCONCLUSIVE, NOT_MEASURED, NOT_REPRODUCED, REPRODUCED, VERDICT_RULE,  # noqa: F401
+                           Verdict, paired_differences, verdict)
 
 # (claim id) -> what the paper reports, the direction it implies, and the source
 PAPER = {
@@ -62,83 +59,5 @@ PAPER_TABLES = {
         ("hidden states", "paper, DIFF", "1688.2", "1672.5", "1672.1", "1624.3", "740.9", "1.2")),
 }
 
-REPRODUCED = "reproduced"
-NOT_REPRODUCED = "not reproduced"
-INCONCLUSIVE = "inconclusive"
-NOT_MEASURED = "not measured"
-
-
-VERDICT_RULE = (
-    "Verdicts are seed-paired: for every seed the difference d = variant − baseline is taken (same seed, same "
-    "data order). With two or more seeds a claim is **reproduced** when every d points the paper's way and the "
-    "mean of d exceeds twice its standard error (SE = sample std of d / √n), **not reproduced** when every d "
-    "points the other way by the same test, and **inconclusive** otherwise. With a single seed there is no "
-    "spread to judge against: the one difference must exceed a fixed margin stated per metric, and such a "
-    "verdict is weaker than a seed-paired one.")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    verdict: str
-    diff: float  # mean over paired seeds of (variant − baseline)
-    spread: float  # what |diff| was judged against: 2·SE with ≥ 2 seeds, the fixed margin with one
-    reason: str
-    n: int = 0  # paired seeds
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return stats.mean(xs)
-
-
-def _std(xs: Sequence[float]) -> float:
-    return stats.sample_std(xs) or 0.0
-
-
-def _finite(x) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def paired_differences(variant, baseline) -> list[float]:
-    """variant − baseline per seed. Both are sequences in the same seed order (``None`` where a seed
-    is missing) or mappings seed → value; only seeds with a finite value on both sides pair up."""
-    if isinstance(variant, Mapping) or isinstance(baseline, Mapping):
-        if not (isinstance(variant, Mapping) and isinstance(baseline, Mapping)):
-            raise TypeError("variant and baseline must both be mappings (seed -> value) or both sequences")
-        keys = [k for k in variant if k in baseline]
-        pairs = [(variant[k], baseline[k]) for k in keys]
-    else:
-        if len(variant) != len(baseline):
-            raise ValueError(f"seed-paired values need one value per seed on both sides, got {len(variant)} "
-                             f"and {len(baseline)} (use None for a missing seed)")
-        pairs = list(zip(variant, baseline))
-    return [float(a) - float(b) for a, b in pairs if _finite(a) and _finite(b)]
-
-
-def verdict(variant, baseline, better: str, *, min_effect: float = 0.0) -> Verdict:
-    """The seed-paired verdict of ``variant`` against ``baseline`` (VERDICT_RULE; one value per seed each).
-
-    ``better`` is "higher" or "lower": the direction the paper claims for the DIFF variant.
-    ``min_effect`` is the fixed margin a single seed's difference must exceed.
-    """
-    if better not in ("higher", "lower"):
-        raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
-    d = paired_differences(variant, baseline)
-    if not d:
-        return Verdict(NOT_MEASURED, float("nan"), float("nan"), "no paired values")
-    sign = 1.0 if better == "higher" else -1.0
-    n, mean = len(d), _mean(d)
-    if n == 1:
-        if abs(mean) <= min_effect:
-            return Verdict(INCONCLUSIVE, mean, min_effect, f"one seed: |d| {abs(mean):.4g} within the margin "
-                           f"{min_effect:.4g}", 1)
-        good = sign * mean > 0
-        return Verdict(REPRODUCED if good else NOT_REPRODUCED, mean, min_effect,
-                       f"one seed: d {mean:+.4g} beyond the margin {min_effect:.4g}", 1)
-    se = _std(d) / math.sqrt(n)
-    for outcome, s in ((REPRODUCED, sign), (NOT_REPRODUCED, -sign)):
-        if all(s * x > 0 for x in d) and abs(mean) > 2 * se:
-            return Verdict(outcome, mean, 2 * se, f"{n} seeds, every d {'+' if s > 0 else '-'}, mean "
-                           f"{mean:+.4g} beyond 2·SE {2 * se:.4g}", n)
-    agree = sum(sign * x > 0 for x in d)
-    return Verdict(INCONCLUSIVE, mean, 2 * se, f"{n} seeds, {agree} of {n} the paper's way, mean {mean:+.4g}, "
-                   f"2·SE {2 * se:.4g}", n)
+# The verdict rule and its machinery (VERDICT_RULE, verdict, ...) live in utils/stats.py, imported above:
+# the DEX study judges its arms with them too.
