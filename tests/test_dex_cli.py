@@ -309,8 +309,11 @@ def test_study_eval_grids_parse_with_the_eval_cli(scale):
     for task, opts in eval_grids("data/x", scale).items():
         args = parser.parse_args(["eval", task, "--model", "m", *opts])
         assert args.task == task
-        if task == "needle":
-            assert args.depths == [0, 25, 50, 75, 100] and args.samples == 4 * scale
+        if task == "needle":  # issue #16's set: N/R 1/1, 4/2, 6/2 at 1K tokens (2K too on the GPU preset)
+            assert args.nr == ["1/1", "4/2", "6/2"] and args.lengths == [1024] and args.samples == 2 * scale
+            assert args.depths == [0, 50, 100]
+    gpu = eval_grids("data/x", scale, "gpu")
+    assert parser.parse_args(["eval", "needle", "--model", "m", *gpu["needle"]]).lengths == [1024, 2048]
 
 
 def test_study_adapts_on_text_disjoint_from_the_evaluation_sources():

@@ -92,6 +92,8 @@ class DexRun:
     grad_clip: float = opt(1.0, "gradient-norm clip (0: none)", group=_TRAIN)
     seed: int = opt(0, "seed of the data order, head selection and initialisation", group=_TRAIN)
     device: str = opt("auto", "auto | cpu | cuda[:N]", group=_TRAIN)
+    dtype: str = opt("auto", "weights dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16", group=_TRAIN,
+                     choices=["auto", "float32", "bfloat16"])
     threads: int = opt(0, "torch CPU threads (0: torch default)", group=_TRAIN)
     no_progress: bool = opt(False, "no progress bar", group=_TRAIN, switch=True)
 
@@ -191,7 +193,10 @@ def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
     device = str(resolve_device(run.device))
 
     t_start = time.time()
-    base = load_base(run.base, device=device, log=log)
+    from ..utils.runtime import parse_dtype
+
+    dtype = parse_dtype(run.dtype if run.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32"))
+    base = load_base(run.base, device=device, dtype=dtype, log=log)
     model, tok = base.model, base.tokenizer
     sites = attention_sites(model)
     log(f"base: {base.name} ({type(model).__name__}, {len(sites)} layers × {sites[0].n_head} heads of "

@@ -132,6 +132,7 @@ def main(argv=None) -> int:
                             "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
                             "--val-tokens", str(args.val_tokens), "--seed", str(seed), "--device", args.device,
                             "--text", *args.text, "--retrieval-share", str(args.retrieval_share),
+                            "--dtype", "bfloat16" if args.device.startswith("cuda") else "float32",
                             "--no-progress", *extra], log, out, f"train-{arm}")
             if rc:
                 return rc
