@@ -184,6 +184,13 @@ def _metrics(out: Path, name: str) -> dict:
     ev = out / "eval"
     res = lambda task: ((_load(ev / f"{name}-{task}" / "results.json") or {}).get("results"))  # noqa: E731
     m = {}
+    training = (_load(out / name / "adapter_config.json") or {}).get("training") or {}
+    if name == "base":  # the base model's: any arm's "before" evaluation (same validation windows)
+        arms = [d for d in sorted(out.iterdir()) if (d / "adapter_config.json").is_file()] if out.is_dir() else []
+        training = {"val_after": ((_load(arms[0] / "adapter_config.json") or {}).get("training") or {}).get(
+            "val_before")} if arms else {}
+    if (training.get("val_after") or {}).get("val_loss") is not None:
+        m["val_loss"] = training["val_after"]["val_loss"]
     r = res("ppl")
     if r:
         m["ppl"] = r.get("perplexity")
@@ -208,7 +215,8 @@ def verdicts(out: Path, names: list[str]) -> list[str]:
     seeds = sorted({0, *[int(n.rsplit("-s", 1)[1]) for n in names if n.startswith(("dex-s", "linear-s"))]})
     arm = lambda base, k: base if k == 0 else f"{base}-s{k}"  # noqa: E731
     rows = []
-    for metric, better, margin in (("ppl", "lower", 0.5), ("needle", "higher", 0.05), ("icl", "higher", 0.02),
+    for metric, better, margin in (("val_loss", "lower", 0.01), ("ppl", "lower", 0.5), ("needle", "higher", 0.05),
+                                   ("icl", "higher", 0.02),
                                    ("unsupported", "lower", 0.02)):
         dex = [_metrics(out, arm("dex", k)).get(metric) for k in seeds]
         for other in ("base", "linear"):
