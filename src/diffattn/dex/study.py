@@ -220,7 +220,11 @@ def verdicts(out: Path, names: list[str]) -> list[str]:
                                    ("unsupported", "lower", 0.02)):
         dex = [_metrics(out, arm("dex", k)).get(metric) for k in seeds]
         for other in ("base", "linear"):
-            ref = [_metrics(out, "base" if other == "base" else arm("linear", k)).get(metric) for k in seeds]
+            if other == "base" and metric == "val_loss":  # each seed has its own validation split: its "before"
+                ref = [(((_load(out / arm("dex", k) / "adapter_config.json") or {}).get("training") or {})
+                        .get("val_before") or {}).get("val_loss") for k in seeds]
+            else:
+                ref = [_metrics(out, "base" if other == "base" else arm("linear", k)).get(metric) for k in seeds]
             v = verdict(dex, ref, better, min_effect=margin)
             rows.append(f"| DEX vs {other} | {metric} ({better} is better) | {_f(v.diff, 4)} | {v.verdict} | "
                         f"{v.reason} |")
