@@ -37,6 +37,14 @@ class _DropIn:
     VARIANT = "standard"
     SPLIT = 1  # default head_dim = embed_dim / (SPLIT · num_heads)
     QUERY_HEADS = 1  # kernel query heads per output head (DIFF V2: 2, its two maps)
+    CORE: type = StandardAttention  # the decoder's attention class this layer drives
+
+    def __init__(self, embed_dim: int, num_heads: int, **kwargs):
+        """See the class docstring and docs/nn.md; variant-only options (``lambda_std``, ``diff_norm``,
+        ``diff_norm_affine``, ``shared_rank``, ``shared_init``) are keyword arguments too."""
+        config, opts = self._setup(embed_dim, num_heads, **kwargs)
+        self.CORE.__init__(self, config, config.n_layer - 1)  # layer index = depth (λ_init for DIFF V1)
+        self._finish(embed_dim, opts)
 
     def _setup(self, embed_dim, num_heads, *, num_kv_heads=None, head_dim=None, depth=0, lambda_init=None,
                causal=False, rope=None, dropout=0.0, bias=False, kernel="sdpa", batch_first=True, device=None,
@@ -241,10 +249,6 @@ class MultiheadAttention(_DropIn, StandardAttention):
 
     VARIANT = "standard"
 
-    def __init__(self, embed_dim: int, num_heads: int, **kwargs):
-        config, opts = self._setup(embed_dim, num_heads, **kwargs)
-        StandardAttention.__init__(self, config, 0)
-        self._finish(embed_dim, opts)
 
 
 class DiffAttention(_DropIn, DiffV1Attention):
@@ -254,13 +258,7 @@ class DiffAttention(_DropIn, DiffV1Attention):
 
     VARIANT = "diff_v1"
     SPLIT = 2
-
-    def __init__(self, embed_dim: int, num_heads: int, *, lambda_std=None, diff_norm=None, diff_norm_affine=None,
-                 **kwargs):
-        config, opts = self._setup(embed_dim, num_heads, lambda_std=lambda_std, diff_norm=diff_norm,
-                                   diff_norm_affine=diff_norm_affine, **kwargs)
-        DiffV1Attention.__init__(self, config, config.n_layer - 1)
-        self._finish(embed_dim, opts)
+    CORE = DiffV1Attention
 
 
 class SharedDiffAttention(_DropIn, _SharedDiffCore):
@@ -269,13 +267,7 @@ class SharedDiffAttention(_DropIn, _SharedDiffCore):
 
     VARIANT = "shared_diff"
     SPLIT = 2
-
-    def __init__(self, embed_dim: int, num_heads: int, *, shared_rank=None, shared_init=None, lambda_std=None,
-                 **kwargs):
-        config, opts = self._setup(embed_dim, num_heads, shared_rank=shared_rank, shared_init=shared_init,
-                                   lambda_std=lambda_std, **kwargs)
-        _SharedDiffCore.__init__(self, config, config.n_layer - 1)
-        self._finish(embed_dim, opts)
+    CORE = _SharedDiffCore
 
 
 class DiffAttentionV2(_DropIn, DiffV2Attention):
@@ -285,11 +277,8 @@ class DiffAttentionV2(_DropIn, DiffV2Attention):
 
     VARIANT = "diff_v2"
     QUERY_HEADS = 2
+    CORE = DiffV2Attention
 
-    def __init__(self, embed_dim: int, num_heads: int, **kwargs):
-        config, opts = self._setup(embed_dim, num_heads, **kwargs)
-        DiffV2Attention.__init__(self, config, 0)
-        self._finish(embed_dim, opts)
 
 
 __all__ = ["MultiheadAttention", "DiffAttention", "DiffAttentionV2", "SharedDiffAttention"]
