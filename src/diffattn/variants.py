@@ -123,10 +123,6 @@ def label(name: str) -> str:
     return spec.label if spec is not None else name
 
 
-def differential_names() -> tuple[str, ...]:
-    return tuple(n for n, s in _REGISTRY.items() if s.differential)
-
-
 register(VariantSpec(
     name="standard", cls="diffattn.model.attention:StandardAttention", label="Transformer (baseline)",
     heads="n_head plain heads of head_dim; head_dim defaults to d_model / n_head", differential=False))
@@ -156,5 +152,5 @@ def fused_differential(name: str) -> bool:
 
 
 __all__ = ["VariantSpec", "register", "unregister", "names", "get", "all_fields", "users_of", "label",
-           "differential_names", "BUILTIN", "fused_differential"]
+           "BUILTIN", "fused_differential"]
 
