@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..fsutil import write_text_atomic
+
 ARMS = {"dex": [], "dex-quoted": ["--schedule", "quoted"], "linear": ["--control", "linear"],
         "lora": ["--control", "lora"], "all": ["--train", "all"],
         # sensitivity to the UNCONFIRMED "λ_learn starts near zero": the same DEX with λ_learn starting at 0.5
@@ -61,7 +63,7 @@ def _cmd(args: list[str], log: list, out: Path, name: str, timeout: float | None
     entry = {"name": name, "cmd": shlex.join(args), "rc": rc, "wall_s": wall}
     log.append(entry)
     print(f"[{name}] rc={rc} {wall:.0f}s  {entry['cmd']}", flush=True)
-    (out / "study.json").write_text(json.dumps({"commands": log}, indent=1) + "\n")
+    write_text_atomic(out / "study.json", json.dumps({"commands": log}, indent=1) + "\n")
     return rc
 
 
@@ -82,8 +84,11 @@ def eval_grids(shard_dir: str, scale: int = 1, preset: str = "cpu", seq_len: int
     }
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> argparse.ArgumentParser:
+    from ..eval.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m diffattn.dex.study", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--base", default="smollm2")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="budget per arm (default: cpu)")
@@ -101,13 +106,50 @@ def main(argv=None) -> int:
     p.add_argument("--text", nargs="+", default=list(CLEAN_TEXT), help="adaptation text (default: %(default)s)")
     p.add_argument("--device")
     p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
-    p.add_argument("--evals", nargs="*", default=["ppl", "needle", "icl", "hallucination"])
+    p.add_argument("--evals", nargs="*", default=["ppl", "needle", "icl", "hallucination"],
+                   choices=list(eval_grids("-")))
     p.add_argument("--eval-timeout", type=float, default=3600)
     p.add_argument("--grid-scale", type=int, default=1, help="multiply the evaluation sample counts")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first thing wrong with the study options (a one-line message), or None. Runs before anything is written."""
+    for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("seeds", 1), ("val_tokens", 1),
+                      ("grid_scale", 1)):
+        if getattr(args, name) < low:
+            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
+    if not args.lr > 0:
+        return f"--lr must be > 0, got {args.lr}"
+    if not 0.0 <= args.retrieval_share <= 1.0:
+        return f"--retrieval-share must be in [0, 1], got {args.retrieval_share}"
+    if not args.eval_timeout > 0:
+        return f"--eval-timeout must be > 0, got {args.eval_timeout}"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return f"--out {out} exists and is not a directory"
+    if out.is_dir() and any(out.iterdir()) and not (out / "study.json").is_file():
+        return f"--out {out} exists, is not empty and holds no study.json (not a study to resume; not overwriting)"
+    return None
+
+
+def run_order(arms: list[str], seeds: int, first_seed: int) -> list[tuple[str, str, int]]:
+    """(name, arm, seed) in the order they run: the seeded arms seed by seed (dex, linear, dex-s1, linear-s1: a
+    stopped study has whole seed pairs first, and each linear arm finds its DEX heads), then the other arms."""
+    seeded = [a for a in arms if a in SEEDED_ARMS]
+    runs = [(a if k == 0 else f"{a}-s{k}", a, first_seed + k) for k in range(seeds) for a in seeded]
+    return runs + [(a, a, first_seed) for a in arms if a not in SEEDED_ARMS]
+
+
+def main(argv=None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    problem = check_args(args)
+    if problem:
+        p.exit(2, f"{p.prog}: error: {problem}\n")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,10 +157,18 @@ def main(argv=None) -> int:
     prev = _load(out / "study.json")  # a resumed study keeps the record of the commands that already ran
     log: list = list(prev.get("commands", [])) if isinstance(prev, dict) else []
     t0 = time.time()
-    runs = []  # (name, arm, seed)
-    for arm in args.arms:
-        seeds = range(args.seeds) if arm in SEEDED_ARMS else [0]
-        runs += [(arm if seed == 0 else f"{arm}-s{seed}", arm, args.seed + seed) for seed in seeds]
+    runs = run_order(args.arms, args.seeds, args.seed)
+    names = ["base", *[name for name, _, _ in runs]]
+    grids = base_dir = None
+
+    def evaluate(name: str, model: str) -> None:
+        for task in args.evals:
+            dest = out / "eval" / f"{name}-{task}"
+            if not (dest / "results.json").is_file():
+                _cmd(da + ["eval", task, "--model", model, "--out", str(dest), "--device", args.device, "--seed",
+                           str(args.seed), *grids[task]], log, out, f"eval-{task}-{name}", timeout=args.eval_timeout)
+
+    # each arm is trained, merged and evaluated before the next starts, so a stopped study has whole arms
     for name, arm, seed in runs:
         extra = list(ARMS[arm])
         dex_cfg = out / ("dex" if seed == args.seed else f"dex-s{seed - args.seed}") / "adapter_config.json"
@@ -127,34 +177,29 @@ def main(argv=None) -> int:
             extra += ["--heads", ",".join(f"{l}:{h}" for l, hs in heads.items() for h in hs)]
         elif arm == "lora":  # LoRA acts on o_proj as a whole: heads only pick layers (all of them)
             extra += ["--heads", "all"]
-        arm = name
-        if not (out / arm / "adapter_config.json").is_file():
-            rc = _cmd(da + ["adapt", "dex", "--base", args.base, "--out", str(out / arm), "--steps", str(args.steps),
+        if not (out / name / "adapter_config.json").is_file():
+            rc = _cmd(da + ["adapt", "dex", "--base", args.base, "--out", str(out / name), "--steps", str(args.steps),
                             "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
                             "--val-tokens", str(args.val_tokens), "--seed", str(seed), "--device", args.device,
                             "--text", *args.text, "--retrieval-share", str(args.retrieval_share),
                             "--dtype", "bfloat16" if args.device.startswith("cuda") else "float32",
-                            "--no-progress", *extra], log, out, f"train-{arm}")
+                            "--no-progress", *extra], log, out, f"train-{name}")
             if rc:
                 return rc
-        if not (out / f"{arm}-merged" / "config.json").is_file():
-            rc = _cmd(da + ["adapt", "load", args.base, str(out / arm), "--merge", "--out", str(out / f"{arm}-merged"),
-                            "--device", args.device], log, out, f"merge-{arm}")
+        if not (out / f"{name}-merged" / "config.json").is_file():
+            rc = _cmd(da + ["adapt", "load", args.base, str(out / name), "--merge", "--out", str(out / f"{name}-merged"),
+                            "--device", args.device], log, out, f"merge-{name}")
             if rc:
                 return rc
+        if grids is None:  # the evaluations read the adaptation shards (the same for every arm)
+            from .bases import resolve_base_path
 
-    from .bases import resolve_base_path
-    base_dir, _, _ = resolve_base_path(args.base, log=lambda m: None)
-    shard_dir = json.loads((out / args.arms[0] / "adapter_config.json").read_text())["training"]["data"]["dir"]
-    models = {"base": str(base_dir), **{name: str(out / f"{name}-merged") for name, _, _ in runs}}
-    grids = eval_grids(shard_dir, args.grid_scale, args.preset, args.seq_len)
-    for task in args.evals:
-        for name, model in models.items():
-            dest = out / "eval" / f"{name}-{task}"
-            if (dest / "results.json").is_file():
-                continue
-            _cmd(da + ["eval", task, "--model", model, "--out", str(dest), "--device", args.device, "--seed",
-                       str(args.seed), *grids[task]], log, out, f"eval-{task}-{name}", timeout=args.eval_timeout)
+            base_dir, _, _ = resolve_base_path(args.base, log=lambda m: None)
+            shard_dir = json.loads((out / name / "adapter_config.json").read_text())["training"]["data"]["dir"]
+            grids = eval_grids(shard_dir, args.grid_scale, args.preset, args.seq_len)
+            evaluate("base", str(base_dir))
+        evaluate(name, str(out / f"{name}-merged"))
+        write_text_atomic(out / "summary.md", summarize(out, names))  # a partial summary after every arm
 
     meta = {"commands": log, "wall_s": round(time.time() - t0, 1), "python": sys.version.split()[0],
             "platform": platform.platform(), "cpu_count": os.cpu_count(), "args": vars(args), "grids": grids}
@@ -165,8 +210,8 @@ def main(argv=None) -> int:
                     threads=torch.get_num_threads())
     except ImportError:
         pass
-    (out / "study.json").write_text(json.dumps(meta, indent=1) + "\n")
-    (out / "summary.md").write_text(summarize(out, ["base", *[name for name, _, _ in runs]]))
+    write_text_atomic(out / "study.json", json.dumps(meta, indent=1) + "\n")
+    write_text_atomic(out / "summary.md", summarize(out, names))
     print((out / "summary.md").read_text())
     return 0
 
