@@ -5,7 +5,8 @@ Usage: python benchmarks/gpu_results_to_docs.py OUTDIR [--out FILE]
 
 Prints (or writes) one Markdown document: the command, hardware and date; each section's status; the
 correctness table (every check with its error and tolerance); the attention, training-step (eager and
-torch.compile) and decode tables as ratios to the baseline measured in the same run; the compare summary.
+torch.compile) and decode tables as ratios to the baseline measured in the same run; the compare summary;
+the DEX study's tables (section 7).
 A section that did not run, failed or timed out says so in its place. Uses only the standard library and
 benchmarks/to_markdown.py, so it runs anywhere the JSON files are.
 """
@@ -22,7 +23,8 @@ import to_markdown  # noqa: E402  (benchmarks/to_markdown.py: the bench tables)
 
 SECTIONS = (("env", "1. Environment"), ("correctness", "2. Correctness of the fused kernel on the GPU"),
             ("attention", "3. Attention speed"), ("train", "4. Training step at the gpu-medium shapes"),
-            ("decode", "5. Decode with the KV cache"), ("compare", "6. gpu-small compare on a budget"))
+            ("decode", "5. Decode with the KV cache"), ("compare", "6. gpu-small compare on a budget"),
+            ("dex", "7. DEX study, GPU preset"))
 
 
 def _load(outdir: Path, name: str):
@@ -120,6 +122,14 @@ def compare_section(c: dict) -> str:
     return "\n".join(out)
 
 
+def dex_section(d: dict) -> str:
+    args = d.get("args") or {}
+    head = (f"`python -m diffattn.dex.study --preset {args.get('preset')}` on {args.get('base')}: "
+            f"{args.get('steps')} steps × {args.get('batch_size')}×{args.get('seq_len')} tokens per arm, "
+            f"wall time {(d.get('wall_s') or 0) / 60:.1f} min")
+    return head + "\n\n" + d["results"]["summary_md"]
+
+
 def render(outdir: Path) -> str:
     summary = _load(outdir, "summary.json")
     if summary is None:
@@ -133,9 +143,10 @@ def render(outdir: Path) -> str:
             f"{summary.get('budget_s', 0):.0f} s budget" + (f"; **stopped: {summary['aborted']}**" if summary.get("aborted")
                                                              else ""), ""]
     renderers = {"env": env_section, "correctness": correctness_section, "attention": attention_section,
-                 "train": train_section, "decode": to_markdown.generate, "compare": compare_section}
+                 "train": train_section, "decode": to_markdown.generate, "compare": compare_section,
+                 "dex": dex_section}
     files = {"env": "1_env.json", "correctness": "2_correctness.json", "attention": "3_attention.json",
-             "train": "4_train.json", "decode": "5_decode.json", "compare": "6_compare.json"}
+             "train": "4_train.json", "decode": "5_decode.json", "compare": "6_compare.json", "dex": "7_dex.json"}
     body = []
     for name, title in SECTIONS:
         sec = summary["sections"].get(name)

@@ -233,6 +233,32 @@ def test_zero_init_is_a_stationary_point_that_the_schedule_leaves():
     assert all(gw == 0 and gl == 0 for gw, gl in grads(4))  # t ≥ T with λ_learn = 0: stuck (hence T ≥ 2 in the CLI)
 
 
+def test_additive_default_gradients_reach_wd_at_the_first_step_after_t0_and_lambda_one_step_later():
+    """The documented departure (docs/dex.md, "When gradients start"): DEX's function-preserving init (W_D = 0,
+    λ(0) = α(0)·λ_init + λ_learn = 0) gives step 0 no gradient under any schedule; under the default additive
+    schedule W_D has one from t = 1 and λ_learn as soon as W_D ≠ 0, and the schedule never sends them back to 0."""
+    m = tiny("llama")
+    apply_dex(m, {0: [0, 1], 1: [2]}, DEXOptions(anneal_steps=4, schedule="additive"))
+    configure_trainable(m, "dex")
+    x = ids()
+
+    def grads(t):
+        set_dex_step(m, t)
+        for w in adapter_modules(m):
+            w.W_D.grad = w.lambda_learn.grad = None
+        lg = m(x).logits
+        F.cross_entropy(lg[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+        return [(float(w.W_D.grad.abs().sum()), float(w.lambda_learn.grad.abs())) for w in adapter_modules(m)]
+
+    assert all(gw == 0 and gl == 0 for gw, gl in grads(0))
+    assert all(gw > 0 and gl == 0 for gw, gl in grads(1))  # λ(1) = λ_init/4 > 0
+    with torch.no_grad():  # one optimizer step moves W_D off zero
+        for w in adapter_modules(m):
+            w.W_D.sub_(1e-2 * w.W_D.grad.sign())
+    assert all(gw > 0 and gl > 0 for gw, gl in grads(2))
+    assert all(gw > 0 and gl > 0 for gw, gl in grads(40))  # t ≥ T: λ = λ_init + λ_learn, nothing collapses
+
+
 def test_train_modes_dex_o_proj_and_all():
     m = tiny("llama")
     apply_dex(m, {1: [0]}, DEXOptions())

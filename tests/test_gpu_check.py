@@ -24,8 +24,8 @@ def _convert(outdir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("dry", [True, False])
 def test_plan_orders_sections_and_names_flat_files(dry, tmp_path):
-    sections = gpu_check.plan(dry, tmp_path / "out", None, tmp_path / "scratch")
-    assert [s.name for s in sections] == ["env", "correctness", "attention", "train", "decode", "compare"]
+    sections = gpu_check.plan(dry, tmp_path / "out", None, tmp_path / "scratch", dex_base=None if dry else "BASE")
+    assert [s.name for s in sections] == ["env", "correctness", "attention", "train", "decode", "compare", "dex"]
     files = [s.file for s in sections] + ["summary.json"]
     assert len(files) <= 8 and len(set(files)) == len(files) and all(FILE_NAME.fullmatch(f) for f in files)
     for s in sections:  # every command writes into OUTDIR only through the section's own file
@@ -41,12 +41,16 @@ def test_plan_orders_sections_and_names_flat_files(dry, tmp_path):
         assert "--device cuda --dtype bf16 --kernel triton" in flat
         assert "--seq-len 2048 4096 8192" in flat and "--compile" in flat and "--batch 1 16" in flat
         assert "--d-model 768" in flat and "--n-layer 12" in flat  # the gpu-medium shapes (~125M)
+        dex = " ".join(sections[-1].commands[0])
+        assert "diffattn.dex.study" in dex and "--base BASE --preset gpu" in dex and "--arms dex linear lora" in dex
+        assert sections[-1].cap_s <= 570  # one 10-minute device command with room for the start
+        assert gpu_check.plan(dry, tmp_path / "o", None, tmp_path / "s")[-1].commands == []  # no base: skipped
 
 
 def test_runner_records_failed_and_timed_out_sections_and_goes_on(tmp_path, monkeypatch):
     out, scratch = tmp_path / "out", tmp_path / "s"
 
-    def fake_plan(dry, out_, compare_data, scratch_=None):
+    def fake_plan(dry, out_, compare_data, scratch_=None, dex_base=None, dex_data=None):
         py = sys.executable
         w = lambda f: [py, "-c", f"import json,sys; json.dump({{'ok': 1}}, open({str(out_ / f)!r}, 'w'))"]  # noqa: E731
         return [gpu_check.Section("env", "1_env.json", 20, [w("1_env.json")]),
@@ -80,6 +84,24 @@ def test_cli_refuses_a_non_empty_outdir_and_unknown_sections(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert gpu_check.main([str(tmp_path / "new"), "--dry-run", "--skip", "nope"]) == 2
     assert "unknown section" in capsys.readouterr().err
+    assert gpu_check.main([str(tmp_path / "new"), "--dry-run", "--only", "nope"]) == 2
+    assert "--only: unknown section" in capsys.readouterr().err
+    assert gpu_check.main([str(tmp_path / "new"), "--only", "dex", "--dex-base", str(tmp_path / "none")]) == 2
+    assert "--dex-base" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_only_runs_the_named_sections_and_a_dex_section_without_base_is_skipped(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(gpu_check, "_run_section", lambda sec, out, scratch, cap, log: ran.append(sec.name) or {
+        "status": "ok", "file": sec.file, "produced": True})
+    assert gpu_check.main([str(tmp_path / "a"), "--only", "dex"]) == 0
+    st = json.loads((tmp_path / "a" / "summary.json").read_text())["sections"]
+    assert ran == ["env"]  # no --dex-base: the DEX section has nothing to run
+    assert st["dex"]["status"] == "skipped" and "--dex-base" in st["dex"]["why"]
+    assert all(st[n]["status"] == "skipped" for n in ("correctness", "attention", "train", "decode", "compare"))
+    ran.clear()
+    assert gpu_check.main([str(tmp_path / "b"), "--only", "dex", "--dex-base", str(tmp_path)]) == 0
+    assert ran == ["env", "dex"]
 
 
 def test_recorded_dry_run_converts_to_doc_tables():
@@ -131,7 +153,7 @@ def test_dry_run_produces_every_section_file(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert {k: v["status"] for k, v in summary["sections"].items()} == dict.fromkeys(
-        ["env", "correctness", "attention", "train", "decode", "compare"], "ok")
+        ["env", "correctness", "attention", "train", "decode", "compare", "dex"], "ok")
     names = sorted(p.name for p in out.iterdir())
     assert len(names) <= 8 and all(FILE_NAME.fullmatch(n) and (out / n).is_file() for n in names)
     assert summary["elapsed_s"] < 300  # the dry run stays under 5 minutes

@@ -19,6 +19,11 @@ machine goes away. At most 8 flat files:
 5. ``5_decode.json``       ``diffattn bench generate``: KV-cache decode tokens/s at batch 1 and 16
 6. ``6_compare.json``      only with the time left: a ``diffattn compare --preset gpu-small`` run on a budget
                            that fits (its results.json and REPORT.md)
+7. ``7_dex.json``          the DEX study's GPU preset (``python -m diffattn.dex.study --preset gpu``: DEX, the
+                           quoted schedule, linear and LoRA controls, ~8.4M tokens per arm in bf16, ppl and
+                           multi-needle at 1-2K) on the base model given by ``--dex-base DIR`` (skipped without
+                           it: no base model ships to the machine); its own command:
+                           ``gpu_check.sh OUTDIR --only dex --dex-base DIR [--dex-data SHARDS] --budget 570``
    ``summary.json``        every section's status, seconds and cap, the command, the plan
 
 ``benchmarks/gpu_results_to_docs.py OUTDIR`` turns the directory into the tables of docs/benchmarks.md.
@@ -60,9 +65,14 @@ def _bench(kind: str, out: str, *args: str) -> list[str]:
     return _py("-m", "diffattn.cli", "bench", kind, *args, "--json", out, "--quiet")
 
 
-def plan(dry: bool, out: Path, compare_data: str | None, scratch: Path | None = None) -> list[Section]:
+DEX_ARMS = ("dex", "linear", "lora", "dex-quoted")
+
+
+def plan(dry: bool, out: Path, compare_data: str | None, scratch: Path | None = None,
+         dex_base: str | None = None, dex_data: str | None = None) -> list[Section]:
     """The sections, dry (CPU, tiny shapes, Triton interpreter) or real (one CUDA GPU). ``scratch``: a
-    directory outside OUTDIR for intermediate files (OUTDIR holds only the sections' files)."""
+    directory outside OUTDIR for intermediate files (OUTDIR holds only the sections' files). The dex section
+    needs ``dex_base`` on a GPU; the dry run builds a tiny base of its own."""
     o = lambda f: str(out / f)  # noqa: E731
     scratch = scratch or out
     x = lambda f: str(scratch / f)  # noqa: E731
@@ -77,7 +87,13 @@ def plan(dry: bool, out: Path, compare_data: str | None, scratch: Path | None = 
                "--n-layer", "2", "--vocab-size", "256", "--repeats", "1", "--warmup", "1"]
         cmp = ["--preset", "micro", "--set", 'study.tasks=["recall"]', "--set", "recall.seeds=1",
                "--variants", "standard,diff_v1"]
-        caps = dict(env=60, correctness=240, attention=60, train=150, decode=60, compare=120)
+        caps = dict(env=60, correctness=240, attention=60, train=150, decode=60, compare=120, dex=150)
+        tiny = x("dex-tiny")
+        dex = [_py("-m", "diffattn.bench.gpu_check", "--make-tiny-base", tiny),
+               _py("-m", "diffattn.dex.study", "--out", x("dex"), "--base", f"{tiny}/base", "--text",
+                   f"{tiny}/text.txt", "--arms", "dex", "linear", "--seeds", "1", "--steps", "4", "--batch-size", "2",
+                   "--seq-len", "128", "--val-tokens", "128", "--evals", "ppl",
+                   "--device", "cpu")]
     else:
         dev = ["--device", "cuda", "--dtype", "bf16", "--kernel", "triton"]
         att = ["--seq-len", "2048", "4096", "8192", "--d-model", "2048", "--n-head", "16", "--head-dim", "128",
@@ -93,7 +109,10 @@ def plan(dry: bool, out: Path, compare_data: str | None, scratch: Path | None = 
                "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--set", "study.bench_repeats=3",
                "--set", 'study.tasks=["ppl","outliers","lambda"]', "--set", "needle_mix.share=0",
                "--variants", "standard,diff_v1,diff_v2"]
-        caps = dict(env=30, correctness=150, attention=90, train=150, decode=60, compare=240)
+        caps = dict(env=30, correctness=150, attention=90, train=150, decode=60, compare=240, dex=570)
+        dex = [_py("-m", "diffattn.dex.study", "--out", x("dex"), "--base", dex_base, "--preset", "gpu", "--seeds", "1",
+                   "--arms", *DEX_ARMS, "--evals", "ppl", "needle", *(["--data", dex_data] if dex_data else []))
+               ] if dex_base else []
     if compare_data:
         cmp += ["--data", compare_data]
     interp = {"TRITON_INTERPRET": "1"} if dry else {}
@@ -111,6 +130,7 @@ def plan(dry: bool, out: Path, compare_data: str | None, scratch: Path | None = 
         Section("decode", "5_decode.json", caps["decode"], [_bench("generate", o("5_decode.json"), *dev, *dec)]),
         Section("compare", "6_compare.json", caps["compare"],
                 [_py("-m", "diffattn.cli", "compare", *cmp, "--out", cdir, "--quiet")]),
+        Section("dex", "7_dex.json", caps["dex"], dex),
     ]
 
 
@@ -196,6 +216,13 @@ def _run_section(sec: Section, out: Path, scratch: Path, cap: float, log) -> dic
                 part.unlink()
         if parts:
             _write_json(out / sec.file, parts)
+    if sec.name == "dex":
+        ddir = scratch / "dex"
+        if (ddir / "results.json").is_file():
+            study = json.loads((ddir / "study.json").read_text()) if (ddir / "study.json").is_file() else {}
+            _write_json(out / sec.file, {"results": json.loads((ddir / "results.json").read_text()),
+                                         "commands": study.get("commands"), "wall_s": study.get("wall_s"),
+                                         "args": study.get("args")})
     if sec.name == "compare":
         cdir = scratch / "compare"
         if (cdir / "results.json").is_file():
@@ -214,7 +241,8 @@ def _run_section(sec: Section, out: Path, scratch: Path, cap: float, log) -> dic
 
 
 def run(out: Path, *, dry: bool, compare_data: str | None = None, budget_s: float = TOTAL_BUDGET_S,
-        skip: tuple[str, ...] = (), log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+        skip: tuple[str, ...] = (), log=lambda m: print(m, file=sys.stderr, flush=True),
+        dex_base: str | None = None, dex_data: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     summary = {"command": shlex.join(["benchmarks/gpu_check.sh", str(out)] + (["--dry-run"] if dry else [])),
@@ -222,10 +250,12 @@ def run(out: Path, *, dry: bool, compare_data: str | None = None, budget_s: floa
     import tempfile
 
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    sections = plan(dry, out, compare_data, scratch)
+    sections = plan(dry, out, compare_data, scratch, dex_base, dex_data)
     for sec in sections:
-        if sec.name in skip:
+        if sec.name in skip or not sec.commands:
             summary["sections"][sec.name] = {"status": "skipped", "file": sec.file, "produced": False}
+            if not sec.commands:
+                summary["sections"][sec.name]["why"] = "no --dex-base (the base model must be on the machine)"
             continue
         left = budget_s - (time.time() - t0) - 5  # a section never runs past the budget
         cap = min(sec.cap_s, left)
@@ -243,10 +273,38 @@ def run(out: Path, *, dry: bool, compare_data: str | None = None, budget_s: floa
                 _write_json(out / "summary.json", summary)
                 log(f"[gpu-check] stopping: {summary['aborted']}")
                 break
+    summary["elapsed_s"] = round(time.time() - t0, 1)
+    _write_json(out / "summary.json", summary)  # the skipped sections too
     import shutil
 
     shutil.rmtree(scratch, ignore_errors=True)
     return summary
+
+
+def make_tiny_base(directory: Path) -> None:
+    """The dry run's DEX base: a tiny random Llama with a word-level tokenizer, and a text file to adapt on."""
+    import random
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    words = [f"w{i}" for i in range(40)]
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1,
+                      bos_token_id=None, initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(directory / "base")
+    fast.save_pretrained(directory / "base")
+    rng = random.Random(0)
+    (directory / "text.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(120))
+                                                     for _ in range(60)) + "\n")
 
 
 def main(argv=None) -> int:
@@ -256,22 +314,37 @@ def main(argv=None) -> int:
     p.add_argument("--compare-data", help="a prepared shard directory for section 6 (gpu-small's data/gpu-small)")
     p.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="wall-clock budget in seconds (default 480)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip (e.g. compare)")
+    p.add_argument("--only", default="", help="comma-separated sections to run (env always runs), e.g. dex")
+    p.add_argument("--dex-base", help="the DEX study's base model directory on this machine (section 7)")
+    p.add_argument("--dex-data", help="a prepared shard directory of the base's tokenizer for section 7")
     p.add_argument("--env-only", action="store_true", help=argparse.SUPPRESS)  # section 1, in its own process
+    p.add_argument("--make-tiny-base", action="store_true", help=argparse.SUPPRESS)  # the dry run's DEX base
     args = p.parse_args(argv)
     if args.env_only:
         _write_json(Path(args.out), environment(args.dry_run))
+        return 0
+    if args.make_tiny_base:
+        make_tiny_base(Path(args.out))
         return 0
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         print(f"gpu_check: error: {out} exists and is not empty; choose a new OUTDIR", file=sys.stderr)
         return 2
-    names = [s.strip() for s in args.skip.split(",") if s.strip()]
     valid = [s.name for s in plan(args.dry_run, out, None)]
-    if any(n not in valid for n in names):
-        print(f"gpu_check: error: --skip: unknown section(s) {[n for n in names if n not in valid]}; valid: "
-              f"{', '.join(valid)}", file=sys.stderr)
-        return 2
-    summary = run(out, dry=args.dry_run, compare_data=args.compare_data, budget_s=args.budget, skip=tuple(names))
+    names, only = ([s.strip() for s in v.split(",") if s.strip()] for v in (args.skip, args.only))
+    for flag, given in (("--skip", names), ("--only", only)):
+        if any(n not in valid for n in given):
+            print(f"gpu_check: error: {flag}: unknown section(s) {[n for n in given if n not in valid]}; valid: "
+                  f"{', '.join(valid)}", file=sys.stderr)
+            return 2
+    if only:
+        names = sorted(set(names) | {n for n in valid if n not in only and n != "env"})
+    for flag, path in (("--dex-base", args.dex_base), ("--dex-data", args.dex_data)):
+        if path and not Path(path).is_dir():
+            print(f"gpu_check: error: {flag} {path}: no such directory", file=sys.stderr)
+            return 2
+    summary = run(out, dry=args.dry_run, compare_data=args.compare_data, budget_s=args.budget, skip=tuple(names),
+                  dex_base=args.dex_base, dex_data=args.dex_data)
     ok = sum(1 for s in summary["sections"].values() if s["status"] == "ok")
     print(f"gpu_check: {ok}/{len(summary['sections'])} sections ok in {summary.get('elapsed_s', 0):.0f}s; "
           f"results in {out}", file=sys.stderr)

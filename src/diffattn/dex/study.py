@@ -19,7 +19,10 @@ A killed study resumes per arm: a finished arm (its adapter_config.json) and a f
 Each arm is trained with ``diffattn adapt dex``, merged with ``diffattn adapt load --merge`` (a stock
 model directory), then evaluated with ``diffattn eval`` tasks (small CPU grids, listed in the report).
 Every command, its wall time and exit code go to ``<out>/study.json``; a markdown table of the numbers
-goes to ``<out>/summary.md``. A failing evaluation task is recorded, not fatal.
+goes to ``<out>/summary.md`` (rewritten after every arm), and the numbers as data to ``<out>/results.json`` at
+the end. A failing evaluation task is recorded, not fatal. Each arm is trained, merged and evaluated before
+the next one starts, seed pairs first (dex, linear, dex-s1, linear-s1, then the other arms), so a stopped
+study holds whole arms and whole seed pairs.
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     # the evaluation sets are built from the BBC and Wikipedia sources of the default corpus: adapting on them
     # would train on the evaluated articles, so the study adapts on the rest of the default corpus
     p.add_argument("--text", nargs="+", default=list(CLEAN_TEXT), help="adaptation text (default: %(default)s)")
+    p.add_argument("--data", help="a prepared shard directory of the base's tokenizer instead of --text (e.g. carried "
+                                  "to a machine without the corpora)")
     p.add_argument("--device")
     p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     p.add_argument("--evals", nargs="*", default=["ppl", "needle", "icl", "hallucination"],
@@ -125,6 +130,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--retrieval-share must be in [0, 1], got {args.retrieval_share}"
     if not args.eval_timeout > 0:
         return f"--eval-timeout must be > 0, got {args.eval_timeout}"
+    if args.data and not Path(args.data).is_dir():
+        return f"--data {args.data}: no such shard directory"
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return f"--out {out} exists and is not a directory"
@@ -181,7 +188,8 @@ def main(argv=None) -> int:
             rc = _cmd(da + ["adapt", "dex", "--base", args.base, "--out", str(out / name), "--steps", str(args.steps),
                             "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
                             "--val-tokens", str(args.val_tokens), "--seed", str(seed), "--device", args.device,
-                            "--text", *args.text, "--retrieval-share", str(args.retrieval_share),
+                            *(["--data", args.data] if args.data else ["--text", *args.text]),
+                            "--retrieval-share", str(args.retrieval_share),
                             "--dtype", "bfloat16" if args.device.startswith("cuda") else "float32",
                             "--no-progress", *extra], log, out, f"train-{name}")
             if rc:
@@ -211,6 +219,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     write_text_atomic(out / "study.json", json.dumps(meta, indent=1) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results(out, names), indent=1) + "\n")
     write_text_atomic(out / "summary.md", summarize(out, names))
     print((out / "summary.md").read_text())
     return 0
@@ -251,6 +260,18 @@ def _metrics(out: Path, name: str) -> dict:
         rates = [d.get("unsupported_rate") for d in r["datasets"] if d.get("unsupported_rate") is not None]
         m["unsupported"] = sum(rates) / len(rates) if rates else None
     return m
+
+
+def results(out: Path, names: list[str]) -> dict:
+    """The study's numbers as data: each arm's headline metrics, training record and λ; the summary's Markdown."""
+    arms = {}
+    for name in names:
+        cfg = _load(out / name / "adapter_config.json") or {}
+        tr = cfg.get("training") or {}
+        arms[name] = {"metrics": _metrics(out, name), "trainable_params": tr.get("trainable_params"),
+                      "tokens": tr.get("tokens"), "train_s": tr.get("elapsed_s"), "lambda": cfg.get("lambda"),
+                      "method": (cfg.get("options") or {}).get("method")}
+    return {"arms": arms, "summary_md": summarize(out, names)}
 
 
 def verdicts(out: Path, names: list[str]) -> list[str]:
