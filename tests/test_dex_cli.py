@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
@@ -104,6 +105,33 @@ def test_adapt_dex_then_load_and_merge(tiny_base, tmp_path, capsys):
     with torch.no_grad():
         assert (m(x).logits - ref(x).logits).abs().max() < 1e-5
     assert (merged / "tokenizer.json").is_file()
+
+
+def test_plain_finetune_control_trains_every_base_weight_and_merges_to_them(tiny_base, tmp_path, capsys):
+    """--control finetune --train all: no module, every base weight trained (the control of DEX + --train all);
+    the saved weights load onto a fresh base and merge to a stock model with exactly the trained weights."""
+    base, texts = tiny_base
+    common = ["adapt", "dex", "--base", str(base), "--text", *texts, "--steps", "4", "--batch-size", "2",
+              "--seq-len", "16", "--val-tokens", "64", "--lr", "0.01", "--no-progress"]
+    rc, _, err = run([*common, "--control", "finetune", "--out", str(tmp_path / "bad")], capsys)
+    assert rc == 2 and "needs --train all" in err and not (tmp_path / "bad").exists()
+    out = tmp_path / "ft"
+    rc, _, err = run([*common, "--control", "finetune", "--train", "all", "--out", str(out)], capsys)
+    assert rc == 0, err
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    ref = AutoModelForCausalLM.from_pretrained(base)
+    assert cfg["options"]["method"] == "finetune" and cfg["heads"] == {} and cfg["lambda"] == {}
+    assert cfg["training"]["trainable_params"] == sum(p.numel() for p in ref.parameters())
+    merged = tmp_path / "merged"
+    rc, _, err = run(["adapt", "load", str(base), str(out), "--merge", "--out", str(merged)], capsys)
+    assert rc == 0, err
+    m = AutoModelForCausalLM.from_pretrained(merged)
+    saved = load_file(str(out / "adapter.safetensors"))
+    changed = 0
+    for name, p in m.named_parameters():
+        assert torch.equal(p, saved[f"model.{name}"]), name
+        changed += int(not torch.equal(p, dict(ref.named_parameters())[name]))
+    assert changed == len(saved)  # every weight moved
 
 
 def test_training_lowers_validation_loss_and_trains_only_the_adapter(tiny_base, tmp_path):

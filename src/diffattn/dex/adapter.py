@@ -85,7 +85,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, options: DEX
     """Write the adapter of ``model`` to ``directory`` atomically; returns the directory."""
     directory = Path(directory)
     mods = adapter_modules(model)
-    if not mods:
+    if not mods and train_mode != "all":  # plain fine-tuning (method finetune) saves the base weights alone
         raise ValueError("the model carries no adapter to save")
     tensors = adapter_state(model, train_mode)
     config = {

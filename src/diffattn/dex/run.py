@@ -82,8 +82,9 @@ class DexRun:
                         group=_DEX, choices=["additive", "quoted"])
     lambda_lr: float | None = opt(None, "peak learning rate of λ_learn, its own AdamW group (default: --lr)",
                                   group=_DEX)
-    control: str = opt("none", "train a control instead of DEX: linear (O + O·W, no λ) or lora (rank-matched "
-                               "o_proj update)", group=_DEX, choices=["none", "linear", "lora"])
+    control: str = opt("none", "train a control instead of DEX: linear (O + O·W, no λ), lora (rank-matched "
+                               "o_proj update) or finetune (no module: plain fine-tuning, needs --train all)",
+                       group=_DEX, choices=["none", "linear", "lora", "finetune"])
     lora_rank: int = opt(0, "for --control lora (0: match the DEX parameter count)", group=_DEX)
     train: str = opt("dex", "what is trained", group=_TRAIN, choices=["dex", "dex+o_proj", "all"])
     lr: float = opt(1e-3, "peak learning rate (AdamW; warm-up then cosine to 10 %)", group=_TRAIN)
@@ -119,6 +120,8 @@ class DexRun:
             raise ValueError("--lambda-lr must be >= 0")
         if not 0.0 <= self.retrieval_share <= 1.0:
             raise ValueError(f"--retrieval-share must be in [0, 1], got {self.retrieval_share}")
+        if self.control == "finetune" and self.train != "all":
+            raise ValueError("--control finetune adds no module: it trains the base weights, so it needs --train all")
         if self.steps is not None and self.steps < 1:
             raise ValueError("--steps must be >= 1")
         self.dex_options()  # DEXOptions validates f_d, head_norm, λ settings, the method
@@ -216,7 +219,10 @@ def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
     steps, T = run.budget(device)
     options = run.dex_options(anneal_steps=T)
 
-    heads, record = _choose_heads(run, model, data, sites, choose_heads, importance_cost, log)
+    if run.method == "finetune":  # no module, so no heads to choose
+        heads, record = {}, {"criterion": "none (finetune: no module)"}
+    else:
+        heads, record = _choose_heads(run, model, data, sites, choose_heads, importance_cost, log)
     fingerprint = base_fingerprint(model)
     apply_dex(model, heads, options)
     settings = TrainSettings(steps=steps, lr=run.lr, weight_decay=run.weight_decay,

@@ -10,7 +10,8 @@ Arms (every arm of a seed sees the same training batches, the same heads and the
 * ``dex-quoted``: the same with the quoted schedule (λ = λ_learn after T: the collapse the issue measured);
 * ``linear``: control, O + O·W on the same heads, no λ/schedule (same function class as DEX);
 * ``lora``: control, rank-matched LoRA on ``o_proj`` of the same layers (no differential structure);
-* optional: ``all`` (DEX trained together with every base weight, ``--train all``), ``dex-lambda0.5``.
+* optional: ``all`` (DEX trained together with every base weight, ``--train all``) and its control ``finetune``
+  (the same training of every base weight without DEX), ``dex-lambda0.5``.
 
 ``--seeds N`` runs the DEX and linear arms with N seeds (``dex-s1`` is seed 1, ...), for seed-paired verdicts.
 A killed study resumes per arm: a finished arm (its adapter_config.json) and a finished evaluation
@@ -41,6 +42,7 @@ from ..fsutil import write_text_atomic
 
 ARMS = {"dex": [], "dex-quoted": ["--schedule", "quoted"], "linear": ["--control", "linear"],
         "lora": ["--control", "lora"], "all": ["--train", "all"],
+        "finetune": ["--control", "finetune", "--train", "all"],  # the control of "all": the same without DEX
         # sensitivity to the UNCONFIRMED "λ_learn starts near zero": the same DEX with λ_learn starting at 0.5
         "dex-lambda0.5": ["--lambda-learn-init", "0.5"]}
 DEFAULT_ARMS = ["dex", "dex-quoted", "linear", "lora"]
@@ -318,7 +320,7 @@ def summarize(out: Path, names: list[str]) -> str:
         cfg = _load(out / name / "adapter_config.json") or {}
         tr = cfg.get("training", {})
         lam = cfg.get("lambda") or {}
-        control = (cfg.get("options") or {}).get("method") in ("linear", "lora")  # no λ: the controls
+        control = (cfg.get("options") or {}).get("method") in ("linear", "lora", "finetune")  # no λ: the controls
         va = tr.get("val_after") or {}
         lines.append(f"| {name} | {_n(tr.get('trainable_params'))} | {_n(tr.get('tokens'))} | "
                      f"{tr.get('elapsed_s', '—')} | {_f(sum(lam.values()) / len(lam) if lam and not control else None, 4)} | "

@@ -28,6 +28,8 @@ Controls for the study (same wrapper position, no differential structure):
 
 * ``method="linear"``: O'_h = O_h + O_h·W (W zero-initialised, no λ, no schedule): the same function
   class as DEX with a shared linear f_D, trained without the λ parametrisation.
+* ``method="finetune"``: no module at all; with ``--train all`` this is plain fine-tuning of the base weights,
+  the control for DEX trained together with them (``--train all`` with DEX).
 * ``method="lora"``: a rank-r update of ``o_proj`` (``W_O + B·A``, B = 0 at init), r chosen to match
   the DEX parameter count.
 
@@ -53,7 +55,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen3": "Qwen3",
     "gemma3_text": "Gemma 3",
 }
-METHODS = ("dex", "linear", "lora")
+METHODS = ("dex", "linear", "lora", "finetune")  # finetune: no adapter module (plain fine-tuning, --train all)
 F_D_CHOICES = ("layer", "head")
 HEAD_NORMS = ("none", "rms")
 TRAIN_MODES = ("dex", "dex+o_proj", "all")
@@ -71,7 +73,7 @@ def supported_list() -> str:
 class DEXOptions:
     """How the adapter is built; everything here is written to ``adapter_config.json``."""
 
-    method: str = "dex"              # "dex" | control: "linear" | "lora"
+    method: str = "dex"              # "dex" | control: "linear" | "lora" | "finetune" (no module)
     f_d: str = "layer"               # W_D shared per layer ("layer") or one per selected head ("head")
     head_norm: str = "none"          # "none" | "rms" (per-head RMSNorm, scale-preserving; disables merge)
     lambda_init: str | float = "depth"   # "depth" (DIFF V1 schedule) or a constant
@@ -311,6 +313,8 @@ def apply_dex(model: nn.Module, heads: dict[int, list[int]], options: DEXOptions
     0, the one matching the parameter count DEX would add with the same heads.
     """
     sites = {s.layer_idx: s for s in attention_sites(model)}
+    if options.method == "finetune":  # the plain fine-tuning control: the base model as it is
+        return model
     for layer, hs in heads.items():
         if int(layer) not in sites:
             raise ValueError(f"layer {layer} does not exist (the model has {len(sites)} layers: 0..{len(sites) - 1})")
@@ -354,7 +358,7 @@ def configure_trainable(model: nn.Module, mode: str) -> list[nn.Parameter]:
     if mode not in TRAIN_MODES:
         raise ValueError(f"train mode must be one of {', '.join(TRAIN_MODES)}, got {mode!r}")
     mods = adapter_modules(model)
-    if not mods:
+    if not mods and mode != "all":  # with no module, only plain fine-tuning of every weight trains something
         raise ValueError("the model carries no DEX adapter (apply_dex first)")
     for p in model.parameters():
         p.requires_grad_(mode == "all")
