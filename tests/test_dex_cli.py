@@ -520,3 +520,87 @@ def test_study_runs_arms_with_seeds_resumes_and_reports_verdicts(tiny_base, tmp_
     n_commands = len(json.loads((out / "study.json").read_text())["commands"])
     assert study.main(argv) == 0  # resumed: everything is there already
     assert len(json.loads((out / "study.json").read_text())["commands"]) == n_commands
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--retrieval-share", "1.5"], "--retrieval-share must be in [0, 1]"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--arms", "dex", "nope"], "invalid choice: 'nope'"),
+    (["--evals", "vibes"], "invalid choice: 'vibes'"),
+    (["--data", "/no/such/shards"], "--data /no/such/shards: no such shard directory"),
+])
+def test_bad_study_options_one_line_exit_2_nothing_written(bad, message, tmp_path, capsys):
+    from diffattn.dex import study
+
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as e:
+        study.main(["--out", str(out), "--device", "cpu", *bad])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_study_refuses_to_write_into_a_directory_that_is_not_a_study(tmp_path, capsys):
+    from diffattn.dex import study
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        study.main(["--out", str(tmp_path), "--device", "cpu"])
+    assert e.value.code == 2 and "holds no study.json" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_to_the_results_of_an_uninterrupted_one(tiny_base, tmp_path, monkeypatch):
+    """The study killed while an arm trains (SIGKILL of the real `adapt dex` process), then run again, ends with
+    the same adapters, evaluations and tables as a study that was never stopped."""
+    import signal
+    import subprocess as sp
+    import time
+
+    from safetensors.torch import load_file as load
+
+    from diffattn.dex import study
+
+    base, texts = tiny_base
+
+    def argv(out):
+        return ["--out", str(out), "--base", str(base), "--text", *texts, "--arms", "dex", "linear", "--seeds", "1",
+                "--steps", "6", "--batch-size", "2", "--seq-len", "96", "--val-tokens", "96", "--evals", "ppl",
+                "--device", "cpu"]
+
+    assert study.main(argv(tmp_path / "whole")) == 0
+    real = study._cmd
+    killed = []
+
+    def kill_linear_mid_training(args, log, out, name, timeout=None):
+        if name != "train-linear" or killed:
+            return real(args, log, out, name, timeout)
+        proc = sp.Popen(args, stdout=sp.DEVNULL, stderr=sp.DEVNULL)
+        deadline = time.time() + 120
+        while not list(out.glob(".linear.metrics-*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # training has started once its metrics directory exists
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed.append(True)
+        raise KeyboardInterrupt  # the study process goes down with it
+
+    monkeypatch.setattr(study, "_cmd", kill_linear_mid_training)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        study.main(argv(stopped))
+    assert killed and (stopped / "dex" / "adapter_config.json").is_file()
+    assert not (stopped / "linear" / "adapter_config.json").exists()
+    assert study.main(argv(stopped)) == 0  # resumed (the stub passes every later command through)
+
+    for arm in ("dex", "linear"):
+        a, b = (load(str(d / arm / "adapter.safetensors")) for d in (tmp_path / "whole", stopped))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), arm
+    for name in ("base-ppl", "dex-ppl", "linear-ppl"):
+        a, b = (json.loads((d / "eval" / name / "results.json").read_text())["results"]
+                for d in (tmp_path / "whole", stopped))
+        assert a == b, name
+    ra, rb = (json.loads((d / "results.json").read_text())["arms"] for d in (tmp_path / "whole", stopped))
+    assert {k: v["metrics"] for k, v in ra.items()} == {k: v["metrics"] for k, v in rb.items()}
