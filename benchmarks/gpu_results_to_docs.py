@@ -127,7 +127,8 @@ def dex_section(d: dict) -> str:
     head = (f"`python -m diffattn.dex.study --preset {args.get('preset')}` on {args.get('base')}: "
             f"{args.get('steps')} steps × {args.get('batch_size')}×{args.get('seq_len')} tokens per arm, "
             f"wall time {(d.get('wall_s') or 0) / 60:.1f} min")
-    return head + "\n\n" + d["results"]["summary_md"]
+    body = "\n".join("#" + ln if ln.startswith("## ") else ln for ln in d["results"]["summary_md"].splitlines())
+    return head + "\n\n" + body  # the study's headings one level down, under the section's
 
 
 def render(outdir: Path) -> str:

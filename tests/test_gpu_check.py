@@ -126,6 +126,10 @@ def test_recorded_dry_run_converts_to_doc_tables():
     dec = json.loads((RECORDED / "5_decode.json").read_text())
     assert all(f"{r['ratio_decode']:.3f}" in md for r in dec["results"])
     assert "recall accuracy" in md  # section 6 of the dry run is a recall-only micro study
+    dex = json.loads((RECORDED / "7_dex.json").read_text())
+    assert "## 7. DEX study" in md and "### Verdicts (seed-paired)" in md  # section 7: the study's own tables
+    assert all(ln in md for ln in dex["results"]["summary_md"].splitlines() if ln.startswith("|"))
+    assert "| DEX vs linear | val_loss" in md and set(dex["results"]["arms"]) == {"base", "dex", "linear"}
 
 
 def test_converter_marks_missing_sections_and_rejects_other_dirs(tmp_path):
