@@ -213,13 +213,8 @@ def test_train_dex_gradients_reach_only_wd_and_lambda(family):
     assert names == {"W_D", "lambda_learn"}
 
 
-def test_zero_init_is_a_stationary_point_that_the_schedule_leaves():
-    """W_D = 0, λ = 0: no gradient reaches W_D or λ_learn; at t = 1 < T the λ_init term gives W_D one."""
-    m = tiny("llama")
-    apply_dex(m, {0: [0, 1], 1: [2]}, DEXOptions(anneal_steps=4))
-    configure_trainable(m, "dex")
-    x = ids()
-
+def adapter_grads(m, x):
+    """A function of t: (|∇W_D|, |∇λ_learn|) of every DEX wrapper of ``m`` for the LM loss on ``x`` at schedule step t."""
     def grads(t):
         set_dex_step(m, t)
         for w in adapter_modules(m):
@@ -227,6 +222,15 @@ def test_zero_init_is_a_stationary_point_that_the_schedule_leaves():
         lg = m(x).logits
         F.cross_entropy(lg[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
         return [(float(w.W_D.grad.abs().sum()), float(w.lambda_learn.grad.abs())) for w in adapter_modules(m)]
+    return grads
+
+
+def test_zero_init_is_a_stationary_point_that_the_schedule_leaves():
+    """W_D = 0, λ = 0: no gradient reaches W_D or λ_learn; at t = 1 < T the λ_init term gives W_D one."""
+    m = tiny("llama")
+    apply_dex(m, {0: [0, 1], 1: [2]}, DEXOptions(anneal_steps=4))
+    configure_trainable(m, "dex")
+    grads = adapter_grads(m, ids())
 
     assert all(gw == 0 and gl == 0 for gw, gl in grads(0))
     assert all(gw > 0 and gl == 0 for gw, gl in grads(1))   # λ(1) = (3/4)(1/4)λ_init > 0; λ_learn waits for W_D ≠ 0
@@ -240,15 +244,7 @@ def test_additive_default_gradients_reach_wd_at_the_first_step_after_t0_and_lamb
     m = tiny("llama")
     apply_dex(m, {0: [0, 1], 1: [2]}, DEXOptions(anneal_steps=4, schedule="additive"))
     configure_trainable(m, "dex")
-    x = ids()
-
-    def grads(t):
-        set_dex_step(m, t)
-        for w in adapter_modules(m):
-            w.W_D.grad = w.lambda_learn.grad = None
-        lg = m(x).logits
-        F.cross_entropy(lg[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
-        return [(float(w.W_D.grad.abs().sum()), float(w.lambda_learn.grad.abs())) for w in adapter_modules(m)]
+    grads = adapter_grads(m, ids())
 
     assert all(gw == 0 and gl == 0 for gw, gl in grads(0))
     assert all(gw > 0 and gl == 0 for gw, gl in grads(1))  # λ(1) = λ_init/4 > 0
