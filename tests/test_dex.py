@@ -255,6 +255,33 @@ def test_additive_default_gradients_reach_wd_at_the_first_step_after_t0_and_lamb
     assert all(gw > 0 and gl > 0 for gw, gl in grads(40))  # t ≥ T: λ = λ_init + λ_learn, nothing collapses
 
 
+@pytest.mark.parametrize("method", ["dex", "linear", "lora"])
+def test_adapter_weights_stay_float32_on_a_bf16_base(method):
+    """On a bf16 base (the GPU preset) the adapter keeps float32 weights, so AdamW's small steps are not rounded
+    away (bf16's spacing at 0.5 is 0.002); at init the adapted model is still the base, bit for bit."""
+    m = tiny("llama").to(torch.bfloat16)
+    x = ids()
+    with torch.no_grad():
+        ref = m(x).logits
+    apply_dex(m, {0: [0, 1], 1: [2]}, DEXOptions(method=method, anneal_steps=4))
+    params = configure_trainable(m, "dex")
+    assert params and all(p.dtype == torch.float32 for p in params)
+    set_dex_step(m, 2)
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, ref)  # W_D = 0 / B = 0: the base's bf16 logits exactly
+    lg = m(x).logits
+    assert lg.dtype == torch.bfloat16
+    F.cross_entropy(lg[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    assert any(float(p.grad.abs().sum()) > 0 for p in params)
+    if method == "dex":
+        w = adapter_modules(m)[0]
+        with torch.no_grad():
+            w.lambda_learn.fill_(0.5)
+            w.lambda_learn.add_(1e-4)  # one AdamW-sized step
+        assert float(w.lambda_learn.detach()) != 0.5
+
+
 def test_train_modes_dex_o_proj_and_all():
     m = tiny("llama")
     apply_dex(m, {1: [0]}, DEXOptions())

@@ -55,6 +55,16 @@ PRESETS = {  # budget per arm
 CLEAN_TEXT = ("source:sotu", "source:shakespeare", "source:moby_dick")  # the default corpus minus the sources the evaluations use
 
 
+_BAR = None  # the study's progress bar (a terminal only); command lines are written above it
+
+
+def _echo(line: str) -> None:
+    if _BAR is not None and not _BAR.disable:
+        _BAR.write(line)
+    else:
+        print(line, flush=True)
+
+
 def _cmd(args: list[str], log: list, out: Path, name: str, timeout: float | None = None) -> int:
     t = time.time()
     logf = out / "logs" / f"{name}.log"
@@ -67,7 +77,7 @@ def _cmd(args: list[str], log: list, out: Path, name: str, timeout: float | None
     wall = round(time.time() - t, 1)
     entry = {"name": name, "cmd": shlex.join(args), "rc": rc, "wall_s": wall}
     log.append(entry)
-    print(f"[{name}] rc={rc} {wall:.0f}s  {entry['cmd']}", flush=True)
+    _echo(f"[{name}] rc={rc} {wall:.0f}s  {entry['cmd']}")
     write_text_atomic(out / "study.json", json.dumps({"commands": log}, indent=1) + "\n")
     return rc
 
@@ -90,7 +100,7 @@ def eval_grids(shard_dir: str, scale: int = 1, preset: str = "cpu", seq_len: int
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ..eval.cli import OneLineParser
+    from ..utils.options import OneLineParser
 
     p = OneLineParser(prog="python -m diffattn.dex.study", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +178,20 @@ def main(argv=None) -> int:
     t0 = time.time()
     runs = run_order(args.arms, args.seeds, args.seed)
     names = ["base", *[name for name, _, _ in runs]]
+    global _BAR
+    from tqdm.auto import tqdm
+
+    # one tick per train / merge / evaluation command, done or found done (shown on a terminal only)
+    _BAR = tqdm(total=len(runs) * (2 + len(args.evals)) + len(args.evals), desc="study", unit="cmd",
+                dynamic_ncols=True, disable=None)
+    try:
+        return _run_study(args, out, da, log, t0, runs, names)
+    finally:
+        _BAR.close()
+        _BAR = None
+
+
+def _run_study(args, out: Path, da: list[str], log: list, t0: float, runs, names) -> int:
     grids = base_dir = None
 
     def evaluate(name: str, model: str) -> None:
@@ -176,6 +200,7 @@ def main(argv=None) -> int:
             if not (dest / "results.json").is_file():
                 _cmd(da + ["eval", task, "--model", model, "--out", str(dest), "--device", args.device, "--seed",
                            str(args.seed), *grids[task]], log, out, f"eval-{task}-{name}", timeout=args.eval_timeout)
+            _BAR.update()
 
     # each arm is trained, merged and evaluated before the next starts, so a stopped study has whole arms
     for name, arm, seed in runs:
@@ -196,11 +221,13 @@ def main(argv=None) -> int:
                             "--no-progress", *extra], log, out, f"train-{name}")
             if rc:
                 return rc
+        _BAR.update()
         if not (out / f"{name}-merged" / "config.json").is_file():
             rc = _cmd(da + ["adapt", "load", args.base, str(out / name), "--merge", "--out", str(out / f"{name}-merged"),
                             "--device", args.device], log, out, f"merge-{name}")
             if rc:
                 return rc
+        _BAR.update()
         if grids is None:  # the evaluations read the adaptation shards (the same for every arm)
             from .bases import resolve_base_path
 
@@ -223,7 +250,7 @@ def main(argv=None) -> int:
     write_text_atomic(out / "study.json", json.dumps(meta, indent=1) + "\n")
     write_text_atomic(out / "results.json", json.dumps(results(out, names), indent=1) + "\n")
     write_text_atomic(out / "summary.md", summarize(out, names))
-    print((out / "summary.md").read_text())
+    _echo((out / "summary.md").read_text())
     return 0
 
 

@@ -188,7 +188,9 @@ class DEXOutputProjection(AdapterProjection):
         self.all_heads = len(heads) == n_head
         self.register_buffer("head_index", torch.tensor(heads, dtype=torch.long, device=base.weight.device),
                              persistent=False)
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # the adapter's own weights are float32 whatever the base's dtype: AdamW's steps of ~lr on a bf16 λ_learn or
+        # W_D would round away (bf16 keeps 8 bits: its spacing at 0.5 is 0.002); the forward casts them to the input's
+        factory = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
         k, d = len(heads), head_dim
         shape = (d, d) if options.f_d == "layer" else (k, d, d)
         self.W_D = nn.Parameter(torch.zeros(shape, **factory))
@@ -208,17 +210,19 @@ class DEXOutputProjection(AdapterProjection):
 
     def _transform(self, o_sel: torch.Tensor) -> torch.Tensor:
         """o_sel: (..., k, d) outputs of the selected heads → O' of the same shape."""
-        if self.W_D.dim() == 2:
-            f = o_sel @ self.W_D                                        # (..., k, d)
+        W_D = self.W_D.to(o_sel.dtype)
+        if W_D.dim() == 2:
+            f = o_sel @ W_D                                              # (..., k, d)
         else:
-            f = torch.einsum("...kd,kde->...ke", o_sel, self.W_D)        # (..., k, d)
-        out = o_sel - self.current_lambda() * f
+            f = torch.einsum("...kd,kde->...ke", o_sel, W_D)             # (..., k, d)
+        lam = self.current_lambda()
+        out = o_sel - (lam.to(o_sel.dtype) if torch.is_tensor(lam) else lam) * f
         if self.norm_gain is not None:  # RMSNorm(O')·rms(O)·g, in (at least) float32
             eps = 1e-6
             acc = torch.promote_types(o_sel.dtype, torch.float32)  # at least float32
             o32, n32 = o_sel.to(acc), out.to(acc)
             scale = torch.sqrt(o32.pow(2).mean(-1, keepdim=True) + eps) * torch.rsqrt(n32.pow(2).mean(-1, keepdim=True) + eps)
-            out = (n32 * scale).to(out.dtype) * self.norm_gain
+            out = (n32 * scale).to(out.dtype) * self.norm_gain.to(out.dtype)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,14 +276,15 @@ class LoRAOutputProjection(AdapterProjection):
         if rank < 1:
             raise ValueError(f"lora rank must be >= 1, got {rank}")
         self.base, self.layer_idx, self.rank = base, layer_idx, rank
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # float32 master weights on a bf16 base, as DEX's (see DEXOutputProjection)
+        factory = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
         self.step = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_A.T) @ self.lora_B.T
+        return self.base(x) + (x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T
 
     def merged_weight(self) -> torch.Tensor:
         W = self.base.weight.detach().double() + self.lora_B.detach().double() @ self.lora_A.detach().double()

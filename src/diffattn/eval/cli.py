@@ -15,7 +15,7 @@ import types
 from functools import partial
 from pathlib import Path
 
-from ..utils.options import add_actions
+from ..utils.options import OneLineParser, add_actions  # noqa: F401  (OneLineParser: its home moved to utils)
 from .common import add_options_to_parser, options_from_args, read_toml
 
 _HELP = {
@@ -28,13 +28,6 @@ _HELP = {
     "quant": "k-bit absmax quantisation of attention logits: loss and needle accuracy (P10)",
     "lambda": "learned λ of every differential layer vs depth",
 }
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse errors as one line (no usage block), exit code 2."""
-
-    def error(self, message):  # noqa: D401
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _task_module_doc(name: str) -> str:

@@ -193,5 +193,12 @@ def parse_set(item: str, *, example: str = "train.lr=1e-3") -> tuple[str, Any]:
     return key, parse_value(raw)
 
 
-__all__ = ["opt", "flag", "add_options_to_parser", "options_from_args", "options_from_mapping", "add_actions",
+__all__ = ["OneLineParser", "opt", "flag", "add_options_to_parser", "options_from_args", "options_from_mapping", "add_actions",
            "read_toml", "parse_value", "parse_set"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse errors as one line (no usage block), exit code 2."""
+
+    def error(self, message):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message}\n")
