@@ -307,6 +307,27 @@ def test_study_summary_tables_from_run_records(tmp_path):
     assert "| lora |" in md  # a missing arm is listed with blanks, not an error
 
 
+def test_study_verdicts_respect_the_evaluations_sampling_margin(tmp_path):
+    """A needle difference of one prompt in 18 is no verdict, whatever the seeds say; ppl has no such margin."""
+    from diffattn.dex.study import sampling_margin, summarize
+
+    assert sampling_margin(18) == pytest.approx(2 * (0.5 / 18) ** 0.5) and sampling_margin(0) == float("inf")
+    for name, acc, ppl in (("base", 0.5, 30.0), ("dex", 0.5 + 1 / 18, 28.0), ("dex-s1", 0.5 + 1 / 18, 28.2),
+                           ("linear", 0.5, 29.0), ("linear-s1", 0.5, 29.1)):
+        d = tmp_path / "eval" / f"{name}-needle"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"results": {"by_nr": [{"n": 1, "r": 1, "accuracy": acc}],
+                                                                "trials": [{}] * 18}}))
+        d = tmp_path / "eval" / f"{name}-ppl"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"results": {"perplexity": ppl}}))
+    md = summarize(tmp_path, ["base", "dex", "dex-s1", "linear", "linear-s1"])
+    row = next(ln for ln in md.splitlines() if ln.startswith("| DEX vs linear | needle"))
+    assert "| 0.333 | inconclusive |" in row and "within the sampling margin" in row
+    row = next(ln for ln in md.splitlines() if ln.startswith("| DEX vs linear | ppl"))
+    assert "| — | reproduced |" in row  # 2 seeds, both lower, beyond 2·SE
+
+
 def test_adapt_dex_from_a_shard_dir_with_importance_heads(tiny_base, tmp_path, capsys):
     base, texts = tiny_base
     from diffattn.dex.data import prepare_text

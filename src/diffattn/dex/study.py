@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -280,15 +281,30 @@ def _metrics(out: Path, name: str) -> dict:
     r = res("needle")
     if r:
         m["needle"] = sum(b["accuracy"] for b in r["by_nr"]) / len(r["by_nr"])
+        m["needle_n"] = len(r.get("trials") or [])
     r = res("icl")
     if r:
         accs = [c["accuracy_mean"] for d in r["datasets"] for c in d["curve"]]
         m["icl"] = sum(accs) / len(accs) if accs else None
+        m["icl_n"] = sum(int(d.get("test_size") or 0) * len(d["curve"]) for d in r["datasets"])
     r = res("hallucination")
     if r:
         rates = [d.get("unsupported_rate") for d in r["datasets"] if d.get("unsupported_rate") is not None]
         m["unsupported"] = sum(rates) / len(rates) if rates else None
+        m["unsupported_n"] = sum(int(d.get("samples") or 0) for d in r["datasets"])
     return m
+
+
+SAMPLING_RULE = ("The evaluations score a few hundred items at most, the same items for every arm, so seeds do not "
+                 "sample the evaluation's own noise. For the proportion metrics (needle, ICL, unsupported rate) a "
+                 "difference must also exceed the evaluation's sampling margin 2·√(2·0.25/n) (twice the largest "
+                 "standard error of a difference of two proportions over n items; the 'margin' column), or the "
+                 "verdict is **inconclusive** whatever the seeds say.")
+
+
+def sampling_margin(n: int | None) -> float:
+    """2·√(2·0.25/n): twice the worst-case standard error of a difference of two proportions on n items each."""
+    return 2 * math.sqrt(0.5 / n) if n else float("inf")
 
 
 def results(out: Path, names: list[str]) -> dict:
@@ -305,7 +321,7 @@ def results(out: Path, names: list[str]) -> dict:
 
 def verdicts(out: Path, names: list[str]) -> list[str]:
     """Seed-paired verdicts (utils/stats.py VERDICT_RULE) of DEX against the base model and the linear control."""
-    from ..utils.stats import VERDICT_RULE, verdict
+    from ..utils.stats import INCONCLUSIVE, NOT_MEASURED, VERDICT_RULE, verdict
 
     seeds = sorted({0, *[int(n.rsplit("-s", 1)[1]) for n in names if n.startswith(("dex-s", "linear-s"))]})
     arm = lambda base, k: base if k == 0 else f"{base}-s{k}"  # noqa: E731
@@ -313,18 +329,26 @@ def verdicts(out: Path, names: list[str]) -> list[str]:
     for metric, better, margin in (("val_loss", "lower", 0.01), ("ppl", "lower", 0.5), ("needle", "higher", 0.05),
                                    ("icl", "higher", 0.02),
                                    ("unsupported", "lower", 0.02)):
-        dex = [_metrics(out, arm("dex", k)).get(metric) for k in seeds]
+        dex_m = [_metrics(out, arm("dex", k)) for k in seeds]
+        dex = [m.get(metric) for m in dex_m]
         for other in ("base", "linear"):
             if other == "base" and metric == "val_loss":  # each seed has its own validation split: its "before"
+                ref_m = []
                 ref = [(((_load(out / arm("dex", k) / "adapter_config.json") or {}).get("training") or {})
                         .get("val_before") or {}).get("val_loss") for k in seeds]
             else:
-                ref = [_metrics(out, "base" if other == "base" else arm("linear", k)).get(metric) for k in seeds]
-            v = verdict(dex, ref, better, min_effect=margin)
-            rows.append(f"| DEX vs {other} | {metric} ({better} is better) | {_f(v.diff, 4)} | {v.verdict} | "
-                        f"{v.reason} |")
-    return ["", "## Verdicts (seed-paired)", "", VERDICT_RULE, "",
-            "| comparison | metric | mean difference | verdict | why |", "|---|---|---|---|---|", *rows]
+                ref_m = [_metrics(out, "base" if other == "base" else arm("linear", k)) for k in seeds]
+                ref = [m.get(metric) for m in ref_m]
+            counts = [m.get(f"{metric}_n") for m in dex_m + ref_m]
+            sampled = None if metric in ("val_loss", "ppl") else sampling_margin(min((c or 0) for c in counts))
+            v = verdict(dex, ref, better, min_effect=max(margin, sampled or 0.0))
+            label, reason = v.verdict, v.reason
+            if sampled is not None and label not in (INCONCLUSIVE, NOT_MEASURED) and abs(v.diff) <= sampled:
+                label, reason = INCONCLUSIVE, f"{reason}, but |d| within the sampling margin {sampled:.3g}"
+            rows.append(f"| DEX vs {other} | {metric} ({better} is better) | {_f(v.diff, 4)} | "
+                        f"{_f(sampled) if sampled is not None and math.isfinite(sampled) else '—'} | {label} | {reason} |")
+    return ["", "## Verdicts (seed-paired)", "", VERDICT_RULE, "", SAMPLING_RULE, "",
+            "| comparison | metric | mean difference | margin | verdict | why |", "|---|---|---|---|---|---|", *rows]
 
 
 def summarize(out: Path, names: list[str]) -> str:
