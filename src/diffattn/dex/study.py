@@ -339,8 +339,9 @@ def verdicts(out: Path, names: list[str]) -> list[str]:
             else:
                 ref_m = [_metrics(out, "base" if other == "base" else arm("linear", k)) for k in seeds]
                 ref = [m.get(metric) for m in ref_m]
-            counts = [m.get(f"{metric}_n") for m in dex_m + ref_m]
-            sampled = None if metric in ("val_loss", "ppl") else sampling_margin(min((c or 0) for c in counts))
+            paired = [k for k in range(len(seeds)) if dex[k] is not None and ref[k] is not None]  # seeds with both
+            counts = [m[k].get(f"{metric}_n") for k in paired for m in (dex_m, ref_m) if m]
+            sampled = None if metric in ("val_loss", "ppl") else sampling_margin(min((c or 0) for c in counts or [0]))
             v = verdict(dex, ref, better, min_effect=max(margin, sampled or 0.0))
             label, reason = v.verdict, v.reason
             if sampled is not None and label not in (INCONCLUSIVE, NOT_MEASURED) and abs(v.diff) <= sampled:
