@@ -111,11 +111,11 @@ class DexRun:
             raise ValueError("give --data or --text, not both")
         for name in ("batch_size", "seq_len", "calib_tokens", "val_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
-            raise ValueError("--seq-len must be >= 2")
+            raise ValueError(f"--seq-len must be >= 2, got {self.seq_len}")
         if self.lr <= 0:
-            raise ValueError("--lr must be > 0")
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.lambda_lr is not None and self.lambda_lr < 0:
             raise ValueError("--lambda-lr must be >= 0")
         if not 0.0 <= self.retrieval_share <= 1.0:
@@ -123,7 +123,7 @@ class DexRun:
         if self.control == "finetune" and self.train != "all":
             raise ValueError("--control finetune adds no module: it trains the base weights, so it needs --train all")
         if self.steps is not None and self.steps < 1:
-            raise ValueError("--steps must be >= 1")
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
         self.dex_options()  # DEXOptions validates f_d, head_norm, λ settings, the method
         if self.data and not Path(self.data).is_dir():
             raise FileNotFoundError(f"--data {self.data}: no such shard directory")

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from ..fsutil import write_text_atomic
+from ..utils.stats import sampling_margin  # noqa: F401  (re-exported: the study's verdicts use it)
 
 ARMS = {"dex": [], "dex-quoted": ["--schedule", "quoted"], "linear": ["--control", "linear"],
         "lora": ["--control", "lora"], "all": ["--train", "all"],
@@ -133,19 +134,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> str | None:
     """The first thing wrong with the study options (a one-line message), or None. Runs before anything is written."""
-    for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("seeds", 1), ("val_tokens", 1),
-                      ("grid_scale", 1)):
-        if getattr(args, name) < low:
-            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
-    if not args.lr > 0:
-        return f"--lr must be > 0, got {args.lr}"
-    if not 0.0 <= args.retrieval_share <= 1.0:
-        return f"--retrieval-share must be in [0, 1], got {args.retrieval_share}"
+    from .run import DexRun
+
+    for name in ("seeds", "grid_scale"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
     if not args.eval_timeout > 0:
         return f"--eval-timeout must be > 0, got {args.eval_timeout}"
-    if args.data and not Path(args.data).is_dir():
-        return f"--data {args.data}: no such shard directory"
     out = Path(args.out)
+    try:  # every arm's own options: the checks of `adapt dex` itself
+        DexRun(base=args.base, out=str(out / "dex"), steps=args.steps, batch_size=args.batch_size,
+               seq_len=args.seq_len, lr=args.lr, val_tokens=args.val_tokens, retrieval_share=args.retrieval_share,
+               data=args.data, text=None if args.data else args.text).check()
+    except (ValueError, FileNotFoundError) as e:
+        return str(e).splitlines()[0]
     if out.exists() and not out.is_dir():
         return f"--out {out} exists and is not a directory"
     if out.is_dir() and any(out.iterdir()) and not (out / "study.json").is_file():
@@ -193,7 +195,7 @@ def main(argv=None) -> int:
 
 
 def _run_study(args, out: Path, da: list[str], log: list, t0: float, runs, names) -> int:
-    grids = base_dir = None
+    grids = None
 
     def evaluate(name: str, model: str) -> None:
         for task in args.evals:
@@ -302,11 +304,6 @@ SAMPLING_RULE = ("The evaluations score a few hundred items at most, the same it
                  "verdict is **inconclusive** whatever the seeds say.")
 
 
-def sampling_margin(n: int | None) -> float:
-    """2·√(2·0.25/n): twice the worst-case standard error of a difference of two proportions on n items each."""
-    return 2 * math.sqrt(0.5 / n) if n else float("inf")
-
-
 def results(out: Path, names: list[str]) -> dict:
     """The study's numbers as data: each arm's headline metrics, training record and λ; the summary's Markdown."""
     arms = {}
@@ -321,7 +318,7 @@ def results(out: Path, names: list[str]) -> dict:
 
 def verdicts(out: Path, names: list[str]) -> list[str]:
     """Seed-paired verdicts (utils/stats.py VERDICT_RULE) of DEX against the base model and the linear control."""
-    from ..utils.stats import INCONCLUSIVE, NOT_MEASURED, VERDICT_RULE, verdict
+    from ..utils.stats import VERDICT_RULE, verdict
 
     seeds = sorted({0, *[int(n.rsplit("-s", 1)[1]) for n in names if n.startswith(("dex-s", "linear-s"))]})
     arm = lambda base, k: base if k == 0 else f"{base}-s{k}"  # noqa: E731
@@ -342,12 +339,10 @@ def verdicts(out: Path, names: list[str]) -> list[str]:
             paired = [k for k in range(len(seeds)) if dex[k] is not None and ref[k] is not None]  # seeds with both
             counts = [m[k].get(f"{metric}_n") for k in paired for m in (dex_m, ref_m) if m]
             sampled = None if metric in ("val_loss", "ppl") else sampling_margin(min((c or 0) for c in counts or [0]))
-            v = verdict(dex, ref, better, min_effect=max(margin, sampled or 0.0))
-            label, reason = v.verdict, v.reason
-            if sampled is not None and label not in (INCONCLUSIVE, NOT_MEASURED) and abs(v.diff) <= sampled:
-                label, reason = INCONCLUSIVE, f"{reason}, but |d| within the sampling margin {sampled:.3g}"
+            v = verdict(dex, ref, better, min_effect=margin, noise=sampled)
             rows.append(f"| DEX vs {other} | {metric} ({better} is better) | {_f(v.diff, 4)} | "
-                        f"{_f(sampled) if sampled is not None and math.isfinite(sampled) else '—'} | {label} | {reason} |")
+                        f"{_f(sampled) if sampled is not None and math.isfinite(sampled) else '—'} | {v.verdict} | "
+                        f"{v.reason} |")
     return ["", "## Verdicts (seed-paired)", "", VERDICT_RULE, "", SAMPLING_RULE, "",
             "| comparison | metric | mean difference | margin | verdict | why |", "|---|---|---|---|---|---|", *rows]
 

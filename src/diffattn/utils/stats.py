@@ -83,12 +83,28 @@ def paired_differences(variant, baseline) -> list[float]:
     return [float(a) - float(b) for a, b in pairs if _finite(a) and _finite(b)]
 
 
-def verdict(variant, baseline, better: str, *, min_effect: float = 0.0) -> Verdict:
+def sampling_margin(n: int | None) -> float:
+    """2·√(2·0.25/n): twice the worst-case standard error of a difference of two proportions on n items each
+    (infinite without items)."""
+    return 2 * math.sqrt(0.5 / n) if n else float("inf")
+
+
+def verdict(variant, baseline, better: str, *, min_effect: float = 0.0, noise: float | None = None) -> Verdict:
     """The seed-paired verdict of ``variant`` against ``baseline`` (VERDICT_RULE; one value per seed each).
 
     ``better`` is "higher" or "lower": the direction the paper claims for the DIFF variant.
-    ``min_effect`` is the fixed margin a single seed's difference must exceed.
+    ``min_effect`` is the fixed margin a single seed's difference must exceed. ``noise`` is the evaluation's own
+    sampling margin (``sampling_margin(n)``), which seeds scored on the same items cannot measure: a difference
+    within it is inconclusive however many seeds agree.
     """
+    v = _seed_verdict(variant, baseline, better, max(min_effect, noise or 0.0))
+    if noise is not None and v.verdict in (REPRODUCED, NOT_REPRODUCED) and abs(v.diff) <= noise:
+        return Verdict(INCONCLUSIVE, v.diff, v.spread, f"{v.reason}, but |d| within the sampling margin "
+                       f"{noise:.3g}", v.n)
+    return v
+
+
+def _seed_verdict(variant, baseline, better: str, min_effect: float) -> Verdict:
     if better not in ("higher", "lower"):
         raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
     d = paired_differences(variant, baseline)
@@ -113,5 +129,5 @@ def verdict(variant, baseline, better: str, *, min_effect: float = 0.0) -> Verdi
                    f"2·SE {2 * se:.4g}", n)
 
 
-__all__ = ["mean", "sample_std", "population_std", "verdict", "paired_differences", "Verdict", "VERDICT_RULE",
+__all__ = ["mean", "sample_std", "population_std", "verdict", "sampling_margin", "paired_differences", "Verdict", "VERDICT_RULE",
            "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_MEASURED"]
