@@ -328,6 +328,26 @@ def test_study_verdicts_respect_the_evaluations_sampling_margin(tmp_path):
     assert "| — | reproduced |" in row  # 2 seeds, both lower, beyond 2·SE
 
 
+def test_study_verdicts_cover_lora_the_quoted_schedule_and_all_vs_finetune(tmp_path):
+    """The other arms get their own one-seed comparisons: DEX (the new default) against LoRA and against the
+    quoted schedule it replaced, `all` against plain fine-tuning; an arm the study did not name gets no row."""
+    from diffattn.dex.study import summarize
+
+    for name, ppl in (("base", 30.0), ("dex", 28.0), ("dex-s1", 28.1), ("linear", 28.2), ("lora", 29.0),
+                      ("dex-quoted", 28.1), ("all", 25.0), ("finetune", 26.0)):
+        d = tmp_path / "eval" / f"{name}-ppl"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"results": {"perplexity": ppl}}))
+    md = summarize(tmp_path, ["base", "dex", "dex-s1", "linear", "lora", "dex-quoted", "all", "finetune"])
+    row = lambda prefix: next(ln for ln in md.splitlines() if ln.startswith(prefix))  # noqa: E731
+    assert "| -1.0000 | — | reproduced | one seed:" in row("| DEX vs lora | ppl")
+    assert "| -0.1000 | — | inconclusive | one seed:" in row("| DEX vs dex-quoted | ppl")
+    assert "| -1.0000 | — | reproduced | one seed:" in row("| all vs finetune | ppl")
+    assert "| -1.9500 | — | reproduced | 2 seeds" in row("| DEX vs base | ppl")
+    md = summarize(tmp_path, ["base", "dex", "linear"])
+    assert "DEX vs lora" not in md and "vs finetune" not in md and "| DEX vs linear | ppl" in md
+
+
 def test_adapt_dex_from_a_shard_dir_with_importance_heads(tiny_base, tmp_path, capsys):
     base, texts = tiny_base
     from diffattn.dex.data import prepare_text

@@ -317,30 +317,36 @@ def results(out: Path, names: list[str]) -> dict:
 
 
 def verdicts(out: Path, names: list[str]) -> list[str]:
-    """Seed-paired verdicts (utils/stats.py VERDICT_RULE) of DEX against the base model and the linear control."""
+    """Seed-paired verdicts (utils/stats.py VERDICT_RULE) of DEX against the base model and the linear control,
+    and, where the study ran them, against the LoRA control and the quoted schedule (one seed each: the new
+    default must beat the form it replaced), and of DEX with every base weight trained (`all`) against plain
+    fine-tuning of every weight (`finetune`)."""
     from ..utils.stats import VERDICT_RULE, verdict
 
-    seeds = sorted({0, *[int(n.rsplit("-s", 1)[1]) for n in names if n.startswith(("dex-s", "linear-s"))]})
+    seeds = sorted({0, *[int(n.rsplit("-s", 1)[1]) for n in names if "-s" in n and n.rsplit("-s", 1)[1].isdigit()]})
     arm = lambda base, k: base if k == 0 else f"{base}-s{k}"  # noqa: E731
+    pairs = [("dex", "base"), ("dex", "linear")] + [
+        p for p in (("dex", "lora"), ("dex", "dex-quoted"), ("all", "finetune")) if p[0] in names and p[1] in names]
     rows = []
     for metric, better, margin in (("val_loss", "lower", 0.01), ("ppl", "lower", 0.5), ("needle", "higher", 0.05),
                                    ("icl", "higher", 0.02),
                                    ("unsupported", "lower", 0.02)):
-        dex_m = [_metrics(out, arm("dex", k)) for k in seeds]
-        dex = [m.get(metric) for m in dex_m]
-        for other in ("base", "linear"):
+        for variant, other in pairs:
+            dex_m = [_metrics(out, arm(variant, k)) for k in seeds]
+            dex = [m.get(metric) for m in dex_m]
             if other == "base" and metric == "val_loss":  # each seed has its own validation split: its "before"
                 ref_m = []
-                ref = [(((_load(out / arm("dex", k) / "adapter_config.json") or {}).get("training") or {})
+                ref = [(((_load(out / arm(variant, k) / "adapter_config.json") or {}).get("training") or {})
                         .get("val_before") or {}).get("val_loss") for k in seeds]
             else:
-                ref_m = [_metrics(out, "base" if other == "base" else arm("linear", k)) for k in seeds]
+                ref_m = [_metrics(out, "base" if other == "base" else arm(other, k)) for k in seeds]
                 ref = [m.get(metric) for m in ref_m]
             paired = [k for k in range(len(seeds)) if dex[k] is not None and ref[k] is not None]  # seeds with both
             counts = [m[k].get(f"{metric}_n") for k in paired for m in (dex_m, ref_m) if m]
             sampled = None if metric in ("val_loss", "ppl") else sampling_margin(min((c or 0) for c in counts or [0]))
             v = verdict(dex, ref, better, min_effect=margin, noise=sampled)
-            rows.append(f"| DEX vs {other} | {metric} ({better} is better) | {_f(v.diff, 4)} | "
+            label = "DEX" if variant == "dex" else variant
+            rows.append(f"| {label} vs {other} | {metric} ({better} is better) | {_f(v.diff, 4)} | "
                         f"{_f(sampled) if sampled is not None and math.isfinite(sampled) else '—'} | {v.verdict} | "
                         f"{v.reason} |")
     return ["", "## Verdicts (seed-paired)", "", VERDICT_RULE, "", SAMPLING_RULE, "",
