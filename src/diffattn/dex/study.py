@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from ..fsutil import write_text_atomic
-from ..utils.stats import sampling_margin  # noqa: F401  (re-exported: the study's verdicts use it)
+from ..utils.stats import sampling_margin
 
 ARMS = {"dex": [], "dex-quoted": ["--schedule", "quoted"], "linear": ["--control", "linear"],
         "lora": ["--control", "lora"], "all": ["--train", "all"],
@@ -327,19 +327,26 @@ def verdicts(out: Path, names: list[str]) -> list[str]:
     arm = lambda base, k: base if k == 0 else f"{base}-s{k}"  # noqa: E731
     pairs = [("dex", "base"), ("dex", "linear")] + [
         p for p in (("dex", "lora"), ("dex", "dex-quoted"), ("all", "finetune")) if p[0] in names and p[1] in names]
+    cache: dict[str, dict] = {}
+
+    def metrics(name: str) -> dict:  # each arm's records are read once, not once per metric and comparison
+        if name not in cache:
+            cache[name] = _metrics(out, name)
+        return cache[name]
+
     rows = []
     for metric, better, margin in (("val_loss", "lower", 0.01), ("ppl", "lower", 0.5), ("needle", "higher", 0.05),
                                    ("icl", "higher", 0.02),
                                    ("unsupported", "lower", 0.02)):
         for variant, other in pairs:
-            dex_m = [_metrics(out, arm(variant, k)) for k in seeds]
+            dex_m = [metrics(arm(variant, k)) for k in seeds]
             dex = [m.get(metric) for m in dex_m]
             if other == "base" and metric == "val_loss":  # each seed has its own validation split: its "before"
                 ref_m = []
                 ref = [(((_load(out / arm(variant, k) / "adapter_config.json") or {}).get("training") or {})
                         .get("val_before") or {}).get("val_loss") for k in seeds]
             else:
-                ref_m = [_metrics(out, "base" if other == "base" else arm(other, k)) for k in seeds]
+                ref_m = [metrics("base" if other == "base" else arm(other, k)) for k in seeds]
                 ref = [m.get(metric) for m in ref_m]
             paired = [k for k in range(len(seeds)) if dex[k] is not None and ref[k] is not None]  # seeds with both
             counts = [m[k].get(f"{metric}_n") for k in paired for m in (dex_m, ref_m) if m]
@@ -438,7 +445,7 @@ def summarize(out: Path, names: list[str]) -> str:
 
 
 def _f(v, digits: int = 3) -> str:
-    return "—" if not isinstance(v, (int, float)) else f"{v:.{digits}f}"
+    return "—" if not isinstance(v, (int, float)) or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
 def _n(v) -> str:
