@@ -200,8 +200,12 @@ def test_compare_recall_report_json_and_plots_agree(corpus_dir, tmp_path, capsys
         assert re.search(rf"\| {re.escape(label)} \| 0 \| {sum(a0) / 2:.3f} ± ", md)
     assert "## Recall amid distractors" in md and "where the query's attention goes" in md
     assert VERDICT_RULE.split(":")[0] in md
-    assert re.search(r"DIFF V1 \| higher recall accuracy amid distractors .*\*\*(reproduced|not reproduced|"
-                     r"inconclusive)\*\*", md)
+    # the validity gate reads the baseline's N = 1 accuracies of results.json
+    gate = recall.validity_gate([rec["runs"]["standard"][s]["by_n"][0]["accuracy"] for s in ("0", "1")], 0.9)
+    assert f"**{gate.line()}**" in md
+    expected = re.escape(gate.not_testable) if not gate.valid else r"\*\*(reproduced|not reproduced|inconclusive)\*\*"
+    assert re.search(r"DIFF V1 \| higher recall accuracy amid distractors .*" + expected, md)
+    assert (out / "recall_curves.png").stat().st_size > 1000
     # the records are on disk per (variant, seed): a rerun reuses them
     rec_file = out / "recall" / "diff_v1" / "seed1.json"
     before = rec_file.stat().st_mtime_ns
@@ -313,3 +317,123 @@ def test_init_option_errors():
         presets.get("tiny", "diff_v1", diff_norm_affine=False, diff_norm_gain_init=0.5)
     with pytest.raises(ValueError, match="diff_norm_gain_init: applies only to attention"):
         presets.get("tiny", "diff_v2", diff_norm_gain_init=0.5)
+
+
+def test_mixed_and_scaled_init_statistics():
+    """`mixed`: PyTorch-default Linears, embedding N(0, init_std²); `scaled`: embedding and untied head N(0, 1/d)."""
+    cfg = presets.get("small", "diff_v1", vocab_size=4096)
+    d = cfg.d_model
+    torch.manual_seed(0)
+    m = build_model(cfg.replace(init="mixed", init_std=0.03))
+    s = build_model(cfg.replace(init="scaled"))
+    assert math.isclose(m.embed.weight.std().item(), 0.03, rel_tol=0.02)
+    assert math.isclose(s.embed.weight.std().item(), d ** -0.5, rel_tol=0.02)
+    assert math.isclose(s.lm_head.weight.std().item(), d ** -0.5, rel_tol=0.02)
+    for model in (m, s):  # every other Linear keeps PyTorch's U(±1/√fan_in), the output head too under `mixed`
+        lins = [model.layers[0].attn.q_proj, model.layers[0].attn.o_proj, model.layers[1].ffn.down]
+        for lin in lins + ([model.lm_head] if model is m else []):
+            fan_in = lin.weight.shape[1]
+            assert lin.weight.abs().max().item() <= fan_in ** -0.5
+            assert math.isclose(lin.weight.std().item(), (3 * fan_in) ** -0.5, rel_tol=0.03)
+        assert torch.all(model.layers[0].attn.head_norm.weight == 1)
+    tied = build_model(cfg.replace(init="scaled", tie_embeddings=True))
+    assert tied.lm_head is None and math.isclose(tied.embed.weight.std().item(), d ** -0.5, rel_tol=0.02)
+
+
+# ------------------------------------------------------------------------ curves, steps to competence, the gate
+def _tiny_opts(**kw):
+    base = {"context": 8, "keys": 8, "values": 4, "queries": 4, "filler_vocab": 8, "d_model": 48, "n_head": 6,
+            "head_dim": 8, "ffn_hidden": 64, "steps": 40, "batch_size": 16, "warmup_steps": 5, "eval_queries": 32,
+            "curve_points": 4, "curve_queries": 16}
+    return RecallStudyOptions.from_mapping({**base, **kw})
+
+
+def test_learning_curve_leaves_training_unchanged_and_matches_a_direct_evaluation():
+    opts = _tiny_opts()
+    cfg = opts.baseline()
+    curve: dict = {}
+    with_curve, losses_a = recall.train_model(cfg, opts, 3, curve=curve)
+    without, losses_b = recall.train_model(cfg, opts, 3)
+    # the curve draws no random number the training uses: the same model, bit for bit (same process, same ops)
+    assert losses_a == losses_b
+    assert all(torch.equal(a, b) for a, b in zip(with_curve.state_dict().values(), without.state_dict().values()))
+    assert curve["steps"] == [10, 20, 30, 40] == opts.curve_steps
+    assert set(curve["accuracy"]) == {"1", "2", "4"} and opts.curve_ns == [1, 2, 4] and opts.speed_n == 2
+    # its last point is the trained model's accuracy on the same fixed batches
+    sets = recall.curve_sets(opts, 3)
+    for n, batches in sets.items():
+        assert curve["accuracy"][str(n)][-1] == recall.batches_accuracy(without, batches)
+        assert sum(int((b.targets >= 0).sum()) for b in batches) >= 16
+    assert _tiny_opts(curve_points=100, steps=5).curve_steps == [1, 2, 3, 4, 5]  # at most one point per step
+    with pytest.raises(ValueError, match="curve_points"):
+        _tiny_opts(curve_points=0)
+    with pytest.raises(ValueError, match="competence"):
+        _tiny_opts(competence=1.5)
+
+
+def test_steps_to_competence_and_the_budget_stand_in():
+    rec = {"curve": {"steps": [25, 50, 75, 100], "accuracy": {"1": [0.2, 0.95, 0.8, 1.0], "4": [0.1, 0.3, 0.5, 0.89]}}}
+    assert recall.steps_to(rec, 1, 0.9) == 50  # the first point at or above the level, even if it dips after
+    assert recall.steps_to(rec, 1, 0.95) == 50 and recall.steps_to(rec, 1, 0.96) == 100
+    assert recall.steps_to(rec, 4, 0.9) is None  # never within the budget
+    opts = {"steps": 100, "curve_points": 4, "competence": 0.9}
+    assert recall.steps_or_budget(rec, 1, opts) == 50
+    assert recall.steps_or_budget(rec, 4, opts) == 125  # "> budget": the budget plus one curve interval
+    with pytest.raises(ValueError, match="no learning curve"):
+        recall.steps_to({"by_n": []}, 1, 0.9)
+    # compared as such: a variant that got there beats one that did not; two that did not are level
+    never = {"0": 125.0, "1": 125.0, "2": 125.0}
+    assert verdict({"0": 50.0, "1": 75.0, "2": 50.0}, never, "lower").verdict == REPRODUCED
+    assert verdict(never, dict(never), "lower").verdict == INCONCLUSIVE
+
+
+def test_validity_gate_on_constructed_inputs():
+    gate = recall.validity_gate([0.95, 0.12, 0.91], 0.9)  # median 0.91: passes although one seed failed
+    assert gate.valid and gate.median == 0.91 and "passed" in gate.line()
+    low = recall.validity_gate([0.95, 0.12, 0.15], 0.9)  # median 0.15
+    assert not low.valid and low.not_testable == "not testable at this budget (baseline N = 1 accuracy 0.15)"
+    assert recall.validity_gate([0.8, 1.0], 0.9).valid  # an even count: the mean of the middle two
+    assert not recall.validity_gate([0.8, 0.99], 0.9).valid
+    with pytest.raises(ValueError):
+        recall.validity_gate([], 0.9)
+
+
+def _constructed_results(n1_base: list[float]) -> dict:
+    """A recall-only results.json with hand-set accuracies: the baseline's N = 1 accuracies are ``n1_base``."""
+    def record(n1, other, steps_hit):
+        by_n = [{"n": n, "queries": 64, "accuracy": n1 if n == 1 else other, "loss": 1.0,
+                 "shares": {c: [0.25, 0.25] for c in recall.CATEGORIES}} for n in (1, 2, 3, 4)]
+        acc = [0.95 if s >= steps_hit else 0.2 for s in (10, 20, 30, 40)]
+        return {"by_n": by_n, "chance": 0.25, "curve": {"steps": [10, 20, 30, 40],
+                                                         "accuracy": {"1": acc, "2": acc, "4": acc}}}
+    opts = _tiny_opts().to_dict()
+    runs = {"standard": {str(s): record(a, 0.3, 40) for s, a in enumerate(n1_base)},
+            "diff_v1": {str(s): record(1.0, 0.6, 20) for s in range(len(n1_base))}}
+    models = {v: {"config": {}, "params": {"total": 1000}} for v in runs}
+    return {"preset": "constructed", "variants": ["standard", "diff_v1"], "seeds": [0], "runs": {}, "models": models,
+            "recall": {"options": opts, "seeds": list(range(len(n1_base))), "models": models, "runs": runs}}
+
+
+@pytest.mark.parametrize("n1_base,testable", [([0.95, 0.97, 0.93], True), ([0.15, 0.95, 0.12], False)])
+def test_report_gate_turns_every_recall_verdict_into_not_testable(tmp_path, n1_base, testable):
+    from diffattn.experiments.render import Block, to_markdown
+    from diffattn.experiments.report import Study, section_recall
+
+    summary: list = []
+    blocks = section_recall(Study(_constructed_results(n1_base)), tmp_path, summary)
+    md = to_markdown(blocks + [Block("table", header=["variant", "claim", "values", "verdict"], rows=summary)])
+    verdict_rows = [line for line in md.splitlines() if line.startswith("| DIFF V1 | ")]
+    assert verdict_rows
+    assert "Validity gate: a recall verdict is drawn only from models" in md  # the rule is printed
+    assert (tmp_path / "recall_curves.png").stat().st_size > 1000
+    if testable:
+        assert "**Validity gate passed" in md and not any("not testable" in line for line in verdict_rows)
+        # DIFF V1 reaches 0.9 at step 20 on every seed, the baseline at 40: fewer steps, reproduced
+        assert re.search(r"learns retrieval faster .*\| 20, 20, 20 vs 40, 40, 40 \| \*\*reproduced\*\*", md)
+    else:
+        assert "**Validity gate failed: the baseline's median accuracy at N = 1 is 0.150 (< 0.9).**" in md
+        assert "reproduced" not in md.replace("not reproduced", "")  # no verdict of either sign
+        assert "not reproduced" not in md
+        table_rows = [line for line in verdict_rows if "not testable" in line]
+        assert table_rows and all(line.count("not testable at this budget (baseline N = 1 accuracy 0.15)") >= 1
+                                  for line in table_rows)

@@ -28,11 +28,16 @@ from . import variants
 KERNELS = ("eager", "sdpa", "triton")  # model/kernels.py KERNELS (a test ties the two); "triton": fused DIFF V1 on GPU
 SHARED_INITS = ("lora", "random")
 # Weight-initialisation schemes (model/lm.py ``DecoderLM.init_weights``; docs/results/init.md for the evidence):
-#   "gpt2":  embeddings and every nn.Linear N(0, init_std²); residual output projections (o_proj, FFN down)
-#            N(0, init_std²/(2·n_layer)). The GPT-2/LLaMA convention.
-#   "torch": PyTorch's own defaults, as the DIFF authors' reference modules use them (methods.md §1.5):
-#            nn.Linear Kaiming-uniform(a=√5) = U(±1/√fan_in), nn.Embedding N(0, 1). ``init_std`` is unused.
-INITS = ("gpt2", "torch")
+#   "gpt2":   embeddings and every nn.Linear N(0, init_std²); residual output projections (o_proj, FFN down)
+#             N(0, init_std²/(2·n_layer)). The GPT-2/LLaMA convention.
+#   "torch":  PyTorch's own defaults, as the DIFF authors' reference modules use them (methods.md §1.5):
+#             nn.Linear Kaiming-uniform(a=√5) = U(±1/√fan_in), nn.Embedding N(0, 1). ``init_std`` is unused.
+#   "mixed":  PyTorch-default Linears, token embedding N(0, init_std²): "torch" without the N(0, 1) embedding
+#             that makes the residual stream ~50x larger than what the first blocks add to it.
+#   "scaled": PyTorch-default Linears, token embedding and untied output head N(0, 1/d_model): the way the
+#             authors' framework builds them (torchscale's Decoder output projection; fairseq's Embedding),
+#             without torchscale's √d_model scale on the embedding output.
+INITS = ("gpt2", "torch", "mixed", "scaled")
 # The built-in variants (variants.py holds the registry; a registered variant is valid here too).
 ATTENTION_VARIANTS = variants.BUILTIN
 _MAX_SIZE = 1 << 24  # guards against absurd sizes (typos like 10**12) before any allocation

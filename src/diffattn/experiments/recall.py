@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -207,6 +207,13 @@ class RecallStudyOptions:
     grad_clip: float = 1.0
     train_n: list[int] | None = None  # default 2, 4, …, C/2
     eval_queries: int = 512  # at least this many scored queries for every N in 1..C/2
+    # learning curves: accuracy at N = 1, C/4 and C/2 on a small fixed evaluation set (its own random
+    # stream), measured every steps/curve_points steps; it does not touch training (same model either way)
+    curve_points: int = 10
+    curve_queries: int = 256  # scored queries per N at each curve point
+    # the validity gate and the learning-speed threshold: a recall verdict needs the baseline's median
+    # N = 1 accuracy over seeds >= competence; steps to reach `competence` at N = C/4 is the speed metric
+    competence: float = 0.9
     normalize: str = "sum"  # signed DIFF rows: divide by the row sum (as attention-noise) or by Σ|a|
     workers: int = 0  # processes for the runs (one thread each); 0: one per CPU core, at most 4
 
@@ -217,6 +224,23 @@ class RecallStudyOptions:
     @property
     def train_ns(self) -> list[int]:
         return list(self.train_n) if self.train_n else list(range(2, self.task.max_n + 1, 2))
+
+    @property
+    def curve_ns(self) -> list[int]:
+        """The N of the learning curves: 1, C/4 (the speed metric's) and C/2, without repeats."""
+        return sorted({1, max(1, self.task.max_n // 2), self.task.max_n})
+
+    @property
+    def speed_n(self) -> int:
+        """N = C/4: where steps-to-competence is measured."""
+        return max(1, self.task.max_n // 2)
+
+    @property
+    def curve_steps(self) -> list[int]:
+        """The training steps after which the curve is measured (evenly spaced, the last one = steps; at most
+        one point per step)."""
+        points = min(self.curve_points, self.steps)
+        return sorted({round(k * self.steps / points) for k in range(1, points + 1)})
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "RecallStudyOptions":
@@ -239,6 +263,13 @@ class RecallStudyOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("curve_points", "curve_queries"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        c = self.competence
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+            raise ValueError(f"competence must be a number in (0, 1], got {c!r}")
         for name in ("warmup_steps", "workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -283,8 +314,87 @@ def recall_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return lm_loss(logits, targets)  # unscored positions carry the target -100
 
 
-def train_model(config, opts: RecallStudyOptions, seed: int, log: Callable[[str], None] | None = None):
-    """Train one model on the task; returns (model, per-step losses). Deterministic in (config, opts, seed)."""
+def curve_sets(opts: RecallStudyOptions, seed: int) -> dict[int, list[RecallBatch]]:
+    """The fixed evaluation batches of the learning curve, per N (random stream [seed, 3], apart from
+    training [seed, 1] and the final evaluation [seed, 2])."""
+    rng = np.random.default_rng([seed, 3])
+    sets = {}
+    for n in opts.curve_ns:
+        n_seq = math.ceil(opts.curve_queries / min(n, opts.task.queries))
+        sets[n] = [make_batch(opts.task, rng, min(64, n_seq - s), n) for s in range(0, n_seq, 64)]
+    return sets
+
+
+@torch.no_grad()
+def batches_accuracy(model, batches: list[RecallBatch]) -> float:
+    correct = total = 0
+    for batch in batches:
+        sel = batch.targets >= 0
+        pred = model(batch.ids)[sel].argmax(-1)
+        correct += int((pred == batch.targets[sel]).sum())
+        total += int(sel.sum())
+    return correct / total
+
+
+def steps_to(record: dict, n: int, level: float) -> int | None:
+    """The first curve step at which accuracy at ``n`` reached ``level``; None: never within the budget."""
+    curve = record.get("curve")
+    if not curve:
+        raise ValueError("the record has no learning curve (trained before curves were recorded)")
+    for step, acc in zip(curve["steps"], curve["accuracy"][str(n)]):
+        if acc >= level:
+            return step
+    return None
+
+
+def steps_or_budget(record: dict, n: int, options: Mapping[str, Any]) -> float:
+    """``steps_to`` at the options' competence level, with a run that never got there counted as the budget
+    plus one curve interval ("> budget"): later than any run that did, level with any other that did not.
+    ``options``: the study's recall options as stored in results.json (RecallStudyOptions.to_dict)."""
+    k = steps_to(record, n, options["competence"])
+    return options["steps"] + options["steps"] / min(options["curve_points"], options["steps"]) if k is None else k
+
+
+GATE_RULE = ("Validity gate: a recall verdict is drawn only from models that have learned retrieval in the easy "
+             "case. When the baseline Transformer's median accuracy at N = 1 over seeds is below the competence "
+             "level ({level:g}), every recall verdict reads \"not testable at this budget\".")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The validity gate's outcome (``validity_gate``)."""
+
+    valid: bool
+    median: float
+    level: float
+
+    @property
+    def not_testable(self) -> str:
+        return f"not testable at this budget (baseline N = 1 accuracy {self.median:.2f})"
+
+    def line(self) -> str:
+        state = "passed" if self.valid else "failed"
+        return (f"Validity gate {state}: the baseline's median accuracy at N = 1 is {self.median:.3f} "
+                f"({'≥' if self.valid else '<'} {self.level:g}).")
+
+
+def validity_gate(baseline_n1: Sequence[float], level: float) -> Gate:
+    """The gate over the baseline's N = 1 accuracies, one per seed (GATE_RULE)."""
+    xs = sorted(float(x) for x in baseline_n1)
+    if not xs:
+        raise ValueError("the validity gate needs at least one baseline run")
+    mid = len(xs) // 2
+    median = xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+    return Gate(median >= level, median, float(level))
+
+
+def train_model(config, opts: RecallStudyOptions, seed: int, log: Callable[[str], None] | None = None,
+                curve: dict | None = None):
+    """Train one model on the task; returns (model, per-step losses). Deterministic in (config, opts, seed).
+
+    ``curve``: a dict to fill with the learning curve (``steps`` and ``accuracy`` per N of ``curve_ns``),
+    measured in eval mode under no_grad on fixed batches: it draws no random number the training uses, so the
+    trained model is the same with or without it."""
     from ..model import build_model
     from ..train.optim import is_no_decay
 
@@ -298,6 +408,10 @@ def train_model(config, opts: RecallStudyOptions, seed: int, log: Callable[[str]
     rng = np.random.default_rng([seed, 1])  # the training stream; evaluation uses [seed, 2]
     ns = opts.train_ns
     losses = []
+    sets = curve_sets(opts, seed) if curve is not None else None
+    at = set(opts.curve_steps)
+    if curve is not None:
+        curve.update(steps=[], accuracy={str(n): [] for n in sets})
     for step in range(opts.steps):
         n = ns[int(rng.integers(0, len(ns)))]
         batch = make_batch(opts.task, rng, opts.batch_size, n)
@@ -310,6 +424,12 @@ def train_model(config, opts: RecallStudyOptions, seed: int, log: Callable[[str]
             torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
         opt.step()
         losses.append(loss.item())
+        if curve is not None and step + 1 in at:
+            model.eval()
+            curve["steps"].append(step + 1)
+            for n, batches in sets.items():
+                curve["accuracy"][str(n)].append(batches_accuracy(model, batches))
+            model.train()
     return model.eval(), losses
 
 
@@ -372,10 +492,11 @@ def evaluate_model(model, opts: RecallStudyOptions, seed: int) -> dict[str, Any]
 def run_one(config, opts: RecallStudyOptions, seed: int) -> dict[str, Any]:
     """Train and evaluate one (variant config, seed): the record compare stores."""
     t0 = time.time()
-    model, losses = train_model(config, opts, seed)
+    curve: dict = {}
+    model, losses = train_model(config, opts, seed, curve=curve)
     t1 = time.time()
     ev = evaluate_model(model, opts, seed)
-    ev.update(train_loss=losses, train_s=t1 - t0, eval_s=time.time() - t1,
+    ev.update(train_loss=losses, curve=curve, train_s=t1 - t0, eval_s=time.time() - t1,
               params=sum(p.numel() for p in model.parameters()))
     return ev
 
@@ -386,4 +507,5 @@ def mean_accuracy(record: dict) -> float:
 
 
 __all__ = ["RecallTask", "RecallBatch", "RecallStudyOptions", "make_batch", "train_model", "evaluate_model",
-           "run_one", "mean_accuracy", "CATEGORIES"]
+           "run_one", "mean_accuracy", "steps_to", "steps_or_budget", "curve_sets", "validity_gate", "Gate", "GATE_RULE",
+           "CATEGORIES"]

@@ -19,7 +19,7 @@ from ..utils import stats
 
 @dataclass
 class Block:
-    kind: str  # "h1" | "h2" | "p" | "table" | "image" | "list"
+    kind: str  # "h1" | "h2" | "h3" | "p" | "table" | "image" | "list"
     text: str = ""
     header: Sequence[str] = ()
     rows: Sequence[Sequence[Any]] = ()
@@ -61,8 +61,8 @@ def to_markdown(blocks: list[Block]) -> str:
     for b in blocks:
         if b.kind == "h1":
             lines += [f"# {b.text}", ""]
-        elif b.kind == "h2":
-            lines += [f"## {b.text}", ""]
+        elif b.kind in ("h2", "h3"):
+            lines += [f"{'#' * int(b.kind[1])} {b.text}", ""]
         elif b.kind == "p":
             lines += [b.text, ""]
         elif b.kind == "list":
@@ -92,7 +92,7 @@ def to_html(blocks: list[Block], out: Path) -> str:
              "th{background:#f3f3f3}img{max-width:100%}code{background:#f5f5f5;padding:0 3px}",
              "</style></head><body>"]
     for b in blocks:
-        if b.kind in ("h1", "h2"):
+        if b.kind in ("h1", "h2", "h3"):
             parts.append(f"<{b.kind}>{_inline_md(b.text)}</{b.kind}>")
         elif b.kind == "p":
             parts.append(f"<p>{_inline_md(b.text)}</p>")

@@ -61,6 +61,9 @@ class DecoderLM(nn.Module):
           ``o_proj``, FFN ``down``) N(0, init_std²/(2·n_layer)) (GPT-2's depth scaling).
         * ``"torch"``: PyTorch's defaults, which the DIFF authors' reference modules use (methods.md
           §1.5): every nn.Linear Kaiming-uniform(a=√5), i.e. U(±1/√fan_in); nn.Embedding N(0, 1).
+        * ``"mixed"``: as ``"torch"``, but the token embedding N(0, init_std²).
+        * ``"scaled"``: as ``"torch"``, but the token embedding and an untied output head N(0, 1/d_model)
+          (torchscale / fairseq, the authors' framework; see config.INITS).
 
         Under both: block RMSNorm gains 1; then each attention module's ``reset_variant_parameters``
         (DIFF: λ vectors N(0, lambda_std²) in fp32 (methods.md §1.3), the per-head norm gain
@@ -71,12 +74,18 @@ class DecoderLM(nn.Module):
         std = cfg.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                if cfg.init == "torch":
-                    module.reset_parameters()
-                else:
+                if cfg.init == "gpt2":
                     module.weight.normal_(0.0, std)
+                else:  # "torch", "mixed", "scaled": PyTorch's defaults first
+                    module.reset_parameters()
             elif isinstance(module, RMSNorm) and module.weight is not None:
                 module.weight.fill_(1.0)
+        if cfg.init == "mixed":
+            self.embed.weight.normal_(0.0, std)
+        elif cfg.init == "scaled":
+            self.embed.weight.normal_(0.0, cfg.d_model ** -0.5)
+            if self.lm_head is not None:
+                self.lm_head.weight.normal_(0.0, cfg.d_model ** -0.5)
         for block in self.layers:
             if cfg.init == "gpt2":
                 block.attn.o_proj.weight.normal_(0.0, std / (2 * cfg.n_layer) ** 0.5)
