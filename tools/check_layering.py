@@ -90,7 +90,7 @@ def check(root: Path = ROOT) -> list[str]:
         parts = rel[:-3].split("/")
         is_pkg = parts[-1] == "__init__"
         module = ".".join(["diffattn", *(parts[:-1] if is_pkg else parts)])
-        top = parts[0] if len(parts) > 1 else parts[0]
+        top = parts[0]
         command = _is_command(rel)
         n_lines = len(path.read_text().splitlines())
         if n_lines > MAX_LINES and rel not in LONG_FILES_ALLOWED:

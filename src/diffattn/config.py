@@ -146,7 +146,7 @@ class ModelConfig:
     lambda_init: str | float | None = None  # "depth" (paper default) or a constant in [0, 1)
     lambda_std: float | None = None  # std of the λ re-parameterisation vectors
     diff_norm: bool | None = None  # per-head RMSNorm (then ×(1−λ_init)); False is the Table 6 ablation
-    diff_norm_affine: bool | None = None  # learnable gain in that norm (False as in flashdiff.py)
+    diff_norm_affine: bool | None = None  # learnable gain in that norm (True: the current reference files; False: flashdiff.py)
     diff_norm_gain_init: float | None = None  # starting value of the learnable gain (1 in the reference code)
     # --- Shared DIFF only (our reading of the abstract, UNCONFIRMED; see model/attention.py) ---
     shared_rank: int | None = None  # rank r of the per-map low-rank updates; default min(16, D·Hd/(4(D+Hd)))

@@ -144,6 +144,7 @@ register(VariantSpec(
 
 # The names of the built-in variants, in their canonical order (``names()`` includes registered ones too).
 BUILTIN = names()
+BASELINE = "standard"  # the baseline every variant is parameter-matched to and judged against
 
 
 def fused_differential(name: str) -> bool:

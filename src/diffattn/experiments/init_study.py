@@ -56,7 +56,7 @@ def describe_init(init: str, init_std: float, diff_norm_gain_init: float | None)
 
 def run(options: list[str], seeds: int, out: Path, preset: str, data: str | None, log,
         variants: tuple[str, ...] = ("standard", "diff_v1"), tasks: tuple[str, ...] = TASKS,
-        lm_variants: tuple[str, ...] | None = None) -> dict:
+        lm_variants: tuple[str, ...] | None = None, lm_seeds: int | None = None) -> dict:
     """{option: {"lm": compare results, "recall": compare results}}, each task a compare run of its own. The
     cheap recall runs of every option go first, then the language models (``lm_variants``, default
     ``variants``): a study stopped part-way has the whole recall side."""
@@ -71,7 +71,7 @@ def run(options: list[str], seeds: int, out: Path, preset: str, data: str | None
             overrides = {"study.tasks": ["ppl"] if task == "lm" else ["recall"], "study.bench_repeats": 0,
                          "study.variants": list(vs), "study.v2_same_heads_baseline": False,
                          "study.variant_options": variant_opts, **{f"model.{k}": v for k, v in model.items()},
-                         **({"study.seeds": seeds} if task == "lm" else {"recall.seeds": seeds})}
+                         **({"study.seeds": lm_seeds or seeds} if task == "lm" else {"recall.seeds": seeds})}
             study = load_study(preset, overrides)
             log(f"[init-study] option {name}, {task}: {OPTIONS[name][2]}")
             results[name][task] = run_compare(study, out / name / task, data_dir=data, log=log)
@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm-variants", help="the language models' variants (default: --variants); must start with standard")
     p.add_argument("--tasks", default="lm,recall", help="comma-separated: lm, recall")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--lm-seeds", type=int, help="the language models' seeds (default: --seeds; a rerun with more "
+                                                "reuses the finished ones)")
     p.add_argument("--doc", help="write the Markdown here (e.g. docs/results/init.md)")
     args = p.parse_args(argv)
     names = [o.strip() for o in args.options.split(",") if o.strip()]
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     bad = [o for o in names if o not in OPTIONS]
     problem = (f"--options: unknown {bad}; valid: {', '.join(OPTIONS)}" if bad or not names
-               else "--seeds must be >= 1" if args.seeds < 1
+               else "--seeds and --lm-seeds must be >= 1" if args.seeds < 1 or (args.lm_seeds or 1) < 1
                else "--variants and --lm-variants must start with standard (the baseline)"
                if any(not vs or vs[0] != "standard" for vs in (variants, lm_variants))
                else f"--tasks: valid: {', '.join(TASKS)}" if not tasks or any(t not in TASKS for t in tasks) else None)
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.time()
     results = run(names, args.seeds, Path(args.out), args.preset, args.data,
-                  lambda m: print(m, file=sys.stderr, flush=True), variants, tasks, lm_variants)
+                  lambda m: print(m, file=sys.stderr, flush=True), variants, tasks, lm_variants, args.lm_seeds)
     print(baseline_table(results))
     if args.doc:
         write_doc(results, Path(args.doc), "python -m diffattn.experiments.init_study " + " ".join(
