@@ -18,20 +18,22 @@ against the paper (methods.md §4.3) and recorded in every adapter config.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
+from ..config import lambda_init_for_depth as depth_schedule
+
 
 def lambda_init_for_depth(depth: int, mode: str | float = "depth") -> float:
-    """λ_init for a 0-based layer index: ``"depth"`` → 0.8 − 0.6·exp(−0.3·depth), or a constant."""
+    """λ_init for a 0-based layer index: ``"depth"`` → DIFF V1's schedule (config.lambda_init_for_depth, the one
+    definition), or a constant (a number, or its string form as the CLI passes it)."""
     if isinstance(mode, str):
-        if mode != "depth":
-            try:
-                return float(mode)
-            except ValueError:
-                raise ValueError(f"lambda_init must be 'depth' or a number, got {mode!r}") from None
-        return 0.8 - 0.6 * math.exp(-0.3 * depth)
+        if mode == "depth":
+            return depth_schedule(depth)
+        try:
+            return float(mode)
+        except ValueError:
+            raise ValueError(f"lambda_init must be 'depth' or a number, got {mode!r}") from None
     return float(mode)
 
 
