@@ -312,7 +312,7 @@ def test_resume_of_a_run_killed_before_its_final_evaluation_completes_it(corpus,
     assert final["kind"] == "eval" and final["step"] == 10
     metrics.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:7])  # the row never written, a torn line instead
     stale = json.loads((latest_checkpoint(tmp_path / "out") / "train_state.json").read_text()).get("val_loss")
-    assert stale != pytest.approx(final["val_loss"])  # the checkpoint holds the step-8 evaluation
+    assert stale == final["val_loss"]  # the final checkpoint is written after the final evaluation (not step 8's)
     rc, stdout, err = cli(capsys, "--config", cfg, "--resume")
     assert rc == 0, err
     assert f"val_loss {final['val_loss']:.4f}" in stdout
@@ -467,3 +467,22 @@ def test_compiled_training_matches_eager(corpus, tmp_path):
         torch.testing.assert_close(a.loss, b.loss, rtol=1e-4, atol=1e-5)
     for (k, pa), pb in zip(eager.raw.named_parameters(), compiled.raw.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_resume_of_a_finished_run_reports_its_final_evaluation(corpus, tmp_path, capsys):
+    """The last checkpoint step is also an evaluation step of neither schedule (eval_every=15): the message of
+    --resume is the final evaluation, the record metrics.jsonl has, not the step-15 one."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "r.toml", corpus, out, max_steps=20, checkpoint_every=10, eval_every=15)
+    rc, stdout, err = cli(capsys, "--config", cfg)
+    assert rc == 0, err
+    evals = read_metrics(out, "eval")
+    assert [r["step"] for r in evals] == [0, 15, 20] and f"{evals[-1]['val_loss']:.4f}" != f"{evals[1]['val_loss']:.4f}"
+    final = f"finished at step 20 ({20 * 8 * 32:,} tokens), val_loss {evals[-1]['val_loss']:.4f}"
+    assert final in stdout
+    # the final checkpoint was written after the final evaluation and carries it
+    _, _, _, state = load_checkpoint(latest_checkpoint(out))
+    assert state["val_loss"] == evals[-1]["val_loss"]
+    rc, stdout, err = cli(capsys, "--config", cfg, "--resume")
+    assert rc == 0 and final in stdout, (stdout, err)
+    assert len(read_metrics(out, "eval")) == 3  # nothing re-evaluated

@@ -363,7 +363,7 @@ class Trainer:
         target = self.total_steps if stop_at_step is None else min(self.total_steps, stop_at_step)
         resumed_at = self.step if self.resumed_state is not None else None
         if resumed_at is not None and self.step >= target:  # nothing left to train
-            if self.step == self.total_steps and not self._final_eval_logged():
+            if self.step == self.total_steps and self._eval_record() is None:
                 self._final_eval()  # killed after the final checkpoint, before the final evaluation
             return self._summary()
         with run_lock(self.out, info.is_main):
@@ -426,7 +426,8 @@ class Trainer:
                         if bar is not None:
                             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                         loss_acc, n_acc, train_time, tokens_log = torch.zeros((), device=self.device), 0, 0.0, self.tokens
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    # the final evaluation comes before the final checkpoint, so its train_state carries it
+                    if self.step == self.total_steps or (cfg.eval_every and self.step % cfg.eval_every == 0):
                         self._eval_and_log(log)
                         evaluated_at = self.step
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -444,7 +445,10 @@ class Trainer:
 
     def _summary(self) -> dict:
         if self.last_val_loss is None and self.resumed_state is not None and self.step == self.resumed_state["step"]:
-            self.last_val_loss = self.resumed_state.get("val_loss")
+            # nothing trained: the run's own evaluation at this step, the record metrics.jsonl holds (a checkpoint
+            # written before the final evaluation, by an older version, carries an earlier one)
+            record = self._eval_record()
+            self.last_val_loss = record["val_loss"] if record else self.resumed_state.get("val_loss")
         return {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
                 "val_loss": self.last_val_loss, "checkpoint": str(self.last_checkpoint or latest_checkpoint(self.out)),
                 "finished": self.step >= self.total_steps, "signal": self.stop_signal}
@@ -456,20 +460,22 @@ class Trainer:
                    "val_ppl": math.exp(min(loss, 700.0)),
                    "val_tokens": n_eval_windows(self.val_shards, self.seq_len, self.config.eval_tokens) * self.seq_len})
 
-    def _final_eval_logged(self) -> bool:
+    def _eval_record(self) -> dict | None:
+        """The last ``eval`` record of metrics.jsonl at the current step, or None."""
         from .metrics import METRICS_FILE
 
         path = self.out / METRICS_FILE
         if not path.is_file():
-            return False
+            return None
+        found = None
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line of a killed run
-            if rec.get("kind") == "eval" and rec.get("step") == self.step:
-                return True
-        return False
+            if isinstance(rec, dict) and rec.get("kind") == "eval" and rec.get("step") == self.step:
+                found = rec
+        return found
 
     def _final_eval(self) -> None:
         """The final evaluation of a finished run that was killed before it: evaluate the final weights now and
