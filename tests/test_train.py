@@ -486,3 +486,30 @@ def test_resume_of_a_finished_run_reports_its_final_evaluation(corpus, tmp_path,
     rc, stdout, err = cli(capsys, "--config", cfg, "--resume")
     assert rc == 0 and final in stdout, (stdout, err)
     assert len(read_metrics(out, "eval")) == 3  # nothing re-evaluated
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(corpus, tmp_path, capsys):
+    """`diffattn train ... > log 2>&1`: no bar (not a terminal) but one plain line per log_every steps (step, loss,
+    tokens/s, λ summary, ETA) and one per phase (loading, each evaluation) with its duration."""
+    import re
+
+    cfg = write_config(tmp_path / "r.toml", corpus, tmp_path / "out", max_steps=20, progress=True)
+    rc, stdout, err = cli(capsys, "--config", cfg)
+    assert rc == 0 and "finished at step 20" in stdout
+    lines = err.splitlines()
+    steps = [line for line in lines if line.startswith("train diff_v1: step ")]
+    assert [int(re.search(r"step (\d+)/20", line).group(1)) for line in steps] == [5, 10, 15, 20]
+    pattern = r"train diff_v1: step \d+/20 loss \d+\.\d{4} [\d,]+ tok/s λ \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]"
+    assert all(re.match(pattern, line) for line in steps), steps
+    assert all(" eta " in line for line in steps[:-1]) and " eta " not in steps[-1]
+    train = read_metrics(tmp_path / "out", "train")
+    assert f"loss {train[1]['loss']:.4f}" in steps[1]  # the line says what metrics.jsonl says
+    assert re.match(r"loading: \d+\.\d s \(new, [\d,]+ parameters\)$", lines[1]), lines[:2]
+    evals = [line for line in lines if line.startswith("evaluation at step")]
+    assert [line.split()[3].rstrip(":") for line in evals] == ["0", "10", "20"]
+    assert all(re.search(r"val_loss \d+\.\d{4} \(\d+\.\d s\)$", line) for line in evals)
+    assert "\r" not in err and "it/s" not in err  # no progress bar in a file
+    # progress = false: the header and the last line only
+    cfg = write_config(tmp_path / "q.toml", corpus, tmp_path / "quiet", max_steps=10)
+    rc, stdout, err = cli(capsys, "--config", cfg)
+    assert rc == 0 and len(err.splitlines()) == 1 and err.startswith("diffattn train:")

@@ -54,6 +54,7 @@ from .faults import NumericsGuard, nan_injected
 from .config import TrainConfig, resolve_model_config
 from ..model.loss import lm_loss
 from .metrics import MetricsLog, flops_per_token, lambda_values, peak_flops
+from ..utils.progress import StepProgress, duration
 from .optim import build_optimizer, clip_grad_norm, set_lr
 
 RUN_FILE = "run.json"
@@ -202,6 +203,7 @@ class Trainer:
         the plan's window sampler (e.g. a needle-mixing wrapper around ``plan.window_sampler()``)."""
         if not isinstance(plan, RunPlan):
             raise TypeError(f"Trainer takes a RunPlan (plan_run / plan_configs), got {type(plan).__name__}")
+        t_load = time.perf_counter()
         model_config, config = plan.model_config, plan.train_config
         self.plan, self.model_config, self.config = plan, model_config, config
         self.info = dist_info if dist_info is not None else D.setup(config)
@@ -253,10 +255,12 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, config.peak_tflops)
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
+        self._progress: StepProgress | None = None  # while fit() runs
         self._stop = False
         self.stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped fit()
         self.guard = NumericsGuard(config.max_skipped_steps, config.lambda_alarm, config.grad_spike_factor,
                                    skipped=int((resumed or {}).get("skipped_steps", 0)))
+        self.load_s = time.perf_counter() - t_load  # model, optimizer, data (and the checkpoint when resuming)
 
     # ------------------------------------------------------------------ numerics
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -377,8 +381,12 @@ class Trainer:
         cfg, info = self.config, self.info
         log = MetricsLog(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard,
                          resume_step=resumed_at if resumed_at is not None else -1)
-        bar = self._progress_bar()
+        bar = self._progress = StepProgress(f"train {self.model_config.attention}", self.total_steps,
+                                            initial=self.step, enabled=info.is_main and cfg.progress)
         evaluated_at = saved_at = None
+        if bar.enabled:
+            what = f"from {self.plan.resume_from.name}" if self.plan.resume_from is not None else "new"
+            bar.line(f"loading: {duration(self.load_s)} ({what}, {self.n_params:,} parameters)")
         try:
             with self._stop_on_signals():
                 if resumed_at is None and cfg.eval_every > 0:  # the baseline at step 0
@@ -402,8 +410,7 @@ class Trainer:
                         n_acc += 1
                         for alarm in self.guard.watch_grad(self.step, float(result.grad_norm)):
                             log.write(alarm)
-                    if bar is not None:
-                        bar.update(1)
+                    bar.advance()
                     if self.step % cfg.log_every == 0 or self.step == target:
                         if self.device.type == "cuda":  # queued GPU work belongs to the training steps
                             t_sync = time.perf_counter()
@@ -423,8 +430,7 @@ class Trainer:
                         log.write(record)
                         for alarm in self.guard.watch_lambda(self.step, lams):
                             log.write(alarm)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                        bar.report(self.step, loss=loss, tokens_per_s=tok_s, lambdas=lams)
                         loss_acc, n_acc, train_time, tokens_log = torch.zeros((), device=self.device), 0, 0.0, self.tokens
                     # the final evaluation comes before the final checkpoint, so its train_state carries it
                     if self.step == self.total_steps or (cfg.eval_every and self.step % cfg.eval_every == 0):
@@ -438,8 +444,8 @@ class Trainer:
                 if saved_at != self.step and (resumed_at is None or self.step != resumed_at):
                     self.save()
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
+            self._progress = None
             log.close()
         return self._summary()
 
@@ -454,7 +460,11 @@ class Trainer:
                 "finished": self.step >= self.total_steps, "signal": self.stop_signal}
 
     def _eval_and_log(self, log: MetricsLog) -> None:
+        t0 = time.perf_counter()
         loss = self.evaluate()
+        if self._progress is not None and self._progress.enabled:
+            self._progress.line(f"evaluation at step {self.step}: val_loss {loss:.4f} "
+                                f"({duration(time.perf_counter() - t0)})")
         self.last_val_loss = loss
         log.write({"kind": "eval", "step": self.step, "tokens": self.tokens, "val_loss": loss,
                    "val_ppl": math.exp(min(loss, 700.0)),
@@ -487,15 +497,6 @@ class Trainer:
                 self._eval_and_log(log)
             finally:
                 log.close()
-
-    def _progress_bar(self):
-        if not (self.info.is_main and self.config.progress):
-            return None
-        from tqdm.auto import tqdm
-
-        # disable=None: shown on a terminal, silent when stderr is redirected
-        return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=None,
-                    desc=f"train {self.model_config.attention}")
 
     def _write_run_file(self) -> None:
         record = {"model_config": self.model_config.to_dict(), "train_config": self.config.to_dict(),
