@@ -640,6 +640,7 @@ def test_a_killed_study_resumes_to_the_results_of_an_uninterrupted_one(tiny_base
 
     for arm in ("dex", "linear"):
         a, b = (load(str(d / arm / "adapter.safetensors")) for d in (tmp_path / "whole", stopped))
+        # bitwise: each arm is the same deterministic command (seeded data, same machine) in both studies
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), arm
     for name in ("base-ppl", "dex-ppl", "linear-ppl"):
         a, b = (json.loads((d / "eval" / name / "results.json").read_text())["results"]
@@ -663,7 +664,8 @@ def test_adapt_dex_log_lines_phases_and_smoke_sizes(tiny_base, tmp_path, capsys)
     steps = [line for line in lines if line.startswith("dex: step ")]
     assert [re.match(r"dex: step (\d+)/7 ", line).group(1) for line in steps] == ["3", "6", "7"]
     assert all(re.match(r"dex: step \d/7 loss \d+\.\d{4} [\d,]+ tok/s λ -?\d\.\d{3} \[", line) for line in steps), steps
-    phases = ["loading base", "data", "head selection", "evaluation before", "training", "evaluation after", "saving"]
+    phases = ["loading base", "preparing data", "head selection", "evaluation before", "training",
+              "evaluation after", "saving"]
     for name in phases:
         assert any(re.match(rf"{name}: \d+\.\d s", line) for line in lines), (name, lines)
     # the order of the phase lines is the order of the work

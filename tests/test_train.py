@@ -243,7 +243,7 @@ def test_exact_resume_is_bit_identical(straight, corpus, tmp_path, capsys):
     _, weights, optim, state = load_checkpoint(latest_checkpoint(out))
     ref_weights = ref.raw.state_dict()
     assert weights.keys() == ref_weights.keys()
-    for k in weights:
+    for k in weights:  # bitwise: resume is deterministic (same data order, RNG, optimizer state, one machine)
         assert torch.equal(weights[k], ref_weights[k]), k
     _, _, ref_optim, ref_state = load_checkpoint(latest_checkpoint(ref_out))
     for name, entry in ref_optim["state"].items():
@@ -269,6 +269,7 @@ def test_checkpoint_reloads_into_an_identical_model(straight):
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     trainer.raw.eval()
     with torch.no_grad():
+        # bitwise: load_model copies the saved bytes into fresh memory (checkpoint.own_memory): same values, kernels
         assert torch.equal(model(ids), trainer.raw(ids))
     state = json.loads((ckpt / "train_state.json").read_text())
     assert state["format"] == "diffattn-train-state-v1"
@@ -296,7 +297,7 @@ def test_graceful_stop_on_sigint_then_resume(straight, corpus, tmp_path):
     plan = plan_run(tables, resume=True)
     trainer = Trainer(plan)
     assert trainer.fit()["finished"]
-    for k, v in ref.raw.state_dict().items():
+    for k, v in ref.raw.state_dict().items():  # bitwise: deterministic resume (same data, RNG, optimizer state)
         assert torch.equal(trainer.raw.state_dict()[k], v), k
 
 
@@ -352,6 +353,7 @@ def test_activation_checkpointing_gives_the_same_step(corpus, tmp_path):
     b = Trainer(plan.with_train(activation_checkpointing=True))
     for step in range(2):
         ra, rb = a.train_step(step), b.train_step(step)
+        # bitwise: checkpointing recomputes the same forward with the same kernels on the same tensors
         assert torch.equal(ra.loss, rb.loss) and torch.equal(ra.grad_norm, rb.grad_norm)
     for (k, pa), pb in zip(a.raw.named_parameters(), b.raw.parameters()):
         assert torch.equal(pa, pb), k

@@ -237,7 +237,7 @@ def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
     sites = attention_sites(model)
     log(f"base: {base.name} ({type(model).__name__}, {len(sites)} layers × {sites[0].n_head} heads of "
         f"{sites[0].head_dim}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on {device}")
-    with phase("data", log, times):
+    with phase("preparing data", log, times):
         if run.data:
             check_shards_match(run.data, tok, int(model.config.vocab_size))
             shard_dir = Path(run.data)
