@@ -32,7 +32,7 @@ GPU_TOKENS = 2_097_152        # "a few million": 512 steps of 16×256 tokens
 VAL_TOKENS = 32_768           # the most validation tokens by default (a full-sized run's evaluation)
 MIN_VAL_TOKENS = 4_096        # the fewest by default, and --smoke's
 CALIB_TOKENS, SMOKE_CALIB_TOKENS = 2_048, 1_024
-SMOKE_STEPS = 40
+SMOKE_STEPS = 10            # of the default 4×256 tokens: 10,240 tokens, the size of a 40-step run of 2×128
 
 _DATA = "data (default: the project's default corpus, tokenised with the base tokenizer)"
 _HEADS = "heads"
