@@ -68,6 +68,19 @@ def test_loaders_give_aligned_tensors(attention, tmp_path):
     assert misaligned(hf) == [] and not info["missing_keys"]
 
 
+def test_hf_import_builds_its_model_in_fresh_memory(tmp_path):
+    """`diffattn import` verifies (and writes) a model built from the source's safetensors: not in their buffers."""
+    from safetensors.torch import load_file, save_file
+
+    from diffattn.hf import convert
+
+    cfg = tiny("diff_v1")
+    save_file(randomized(build_model(cfg)).state_dict(), str(tmp_path / "w.safetensors"))
+    state = load_file(str(tmp_path / "w.safetensors"))
+    assert any(t.data_ptr() % ALIGN for t in state.values())  # what safetensors hands back
+    assert misaligned(convert._decoder(cfg, state)) == []
+
+
 def test_resumed_trainer_holds_aligned_tensors(tiny_corpus, tmp_path):
     """--resume copies the checkpoint into the model's own parameters and the optimizer's own state."""
     from diffattn.train import Trainer, load_run_file, plan_run
