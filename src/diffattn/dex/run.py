@@ -166,9 +166,9 @@ class DexRun:
         return steps, T
 
     def eval_tokens(self, steps: int) -> int:
-        """Validation tokens of each evaluation: ``--val-tokens``, else the run's training tokens within
-        [MIN_VAL_TOKENS, VAL_TOKENS] (a 40-step smoke run does not spend three times its training on evaluation),
-        else MIN_VAL_TOKENS under ``--smoke``."""
+        """Validation tokens of each evaluation: ``--val-tokens``; else MIN_VAL_TOKENS under ``--smoke``; else the
+        run's training tokens within [MIN_VAL_TOKENS, VAL_TOKENS], so a 40-step run of 2×128 no longer evaluates
+        three times the tokens it trains on (twice), and a default-sized run still evaluates VAL_TOKENS."""
         if self.val_tokens is not None:
             return self.val_tokens
         if self.smoke:
