@@ -190,3 +190,21 @@ def test_bad_input_exits_2(data_dir, tmp_path, capsys):
     (other / "notes.txt").write_text("mine")
     assert main(["compare", "--preset", "micro", "--data", str(data_dir), "--out", str(other)]) == 2
     assert "not a compare output directory" in capsys.readouterr().err
+
+
+def test_compare_log_lines_when_stderr_is_a_file(data_dir, tmp_path, capsys):
+    """`diffattn compare ... 2> log`: each training run prints a line per log_every steps and per evaluation, and
+    compare a line per phase with its duration; --quiet prints none of them."""
+    base = ["compare", "--preset", "micro", "--variants", "standard", "--data", str(data_dir)]
+    sets = {**MICRO, "study.tasks": ["ppl"], "study.bench_repeats": 0, "train.log_every": 2, "train.progress": True}
+    for k, v in sets.items():
+        base += ["--set", f"{k}={json.dumps(v)}"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    steps = [line for line in err if line.startswith("train standard: step ")]
+    assert [line.split()[3] for line in steps] == ["2/4", "4/4"] and all(" tok/s" in line for line in steps)
+    assert [line.split()[3] for line in err if line.startswith("evaluation at step")] == ["0:", "2:", "4:"]
+    assert any(re.match(r"\[compare\] standard seed 0: trained in \d+\.\ds, val_loss \d+\.\d{4}$", line) for line in err)
+    assert any(re.match(r"\[compare\]   eval ppl: \d+\.\ds$", line) for line in err)
+    assert main([*base, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

@@ -149,3 +149,12 @@ def test_cli_info(capsys):
     assert err == ["diffattn info: error: ModelConfig.head_dim: must be even for rotary embeddings, got 7"]
     assert main(["info", "--config", "/nonexistent/config.json"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_cli_info_table_is_aligned(capsys):
+    """Every value starts in the same column, whatever the longest field name (diff_norm_gain_init, params.*)."""
+    assert main(["info", "--preset", "tiny", "--attention", "diff_v1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert any(r.startswith("diff_norm_gain_init ") for r in rows) and any(r.startswith("params.") for r in rows)
+    columns = {len(r) - len(r.split(maxsplit=1)[1]) for r in rows}  # where the value starts
+    assert len(columns) == 1, columns

@@ -71,6 +71,7 @@ def test_identity_at_init_is_exact(family, f_d):
         apply_dex(m, {0: [1, 3], 1: [0, 1, 2, 3]}, DEXOptions(f_d=f_d, anneal_steps=10))
         out = m(x).logits
     assert len(adapter_modules(m)) == 2
+    # bitwise: W_D = 0 at initialisation, so O − λ·O·W_D is O − 0 = O exactly in IEEE arithmetic; same kernels
     assert torch.equal(ref, out)
 
 
@@ -83,7 +84,7 @@ def test_lambda_zero_at_t0_is_identity_even_with_nonzero_wd(family):
         apply_dex(m, {0: [0, 2]}, DEXOptions(anneal_steps=10))
         randomize_adapter(m)
         set_dex_step(m, 0)
-        assert torch.equal(m(x).logits, ref)
+        assert torch.equal(m(x).logits, ref)  # bitwise: λ(0) = 0, so the term subtracted is exactly 0
         set_dex_step(m, 5)
         assert not torch.allclose(m(x).logits, ref)
 
@@ -433,6 +434,7 @@ def test_adapter_save_load_on_fresh_base_gives_same_logits(tmp_path, family, opt
     cfg = load_adapter(fresh, tmp_path / "ad")
     assert cfg["step"] == 13 and cfg["train_mode"] == train_mode
     with torch.no_grad():
+        # bitwise: load_adapter copies into the fresh model's own tensors (same values, same kernels, one process)
         assert torch.equal(fresh(x).logits, want)
     size = (tmp_path / "ad" / "adapter.safetensors").stat().st_size
     if train_mode == "dex":

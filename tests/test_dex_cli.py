@@ -558,6 +558,8 @@ def test_study_runs_arms_with_seeds_resumes_and_reports_verdicts(tiny_base, tmp_
             == json.loads((out / "dex-s1" / "adapter_config.json").read_text())["heads"])  # the same heads per seed
     summary = (out / "summary.md").read_text()
     assert "## Verdicts (seed-paired)" in summary and "| DEX vs linear | ppl" in summary
+    train_log = (out / "logs" / "train-dex.log").read_text()  # a file: a line per 10 steps (and the last), phases
+    assert "dex: step 4/4 loss " in train_log and "\ntraining: " in train_log and "\nhead selection: " in train_log
     n_commands = len(json.loads((out / "study.json").read_text())["commands"])
     assert study.main(argv) == 0  # resumed: everything is there already
     assert len(json.loads((out / "study.json").read_text())["commands"]) == n_commands
@@ -638,6 +640,7 @@ def test_a_killed_study_resumes_to_the_results_of_an_uninterrupted_one(tiny_base
 
     for arm in ("dex", "linear"):
         a, b = (load(str(d / arm / "adapter.safetensors")) for d in (tmp_path / "whole", stopped))
+        # bitwise: each arm is the same deterministic command (seeded data, same machine) in both studies
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), arm
     for name in ("base-ppl", "dex-ppl", "linear-ppl"):
         a, b = (json.loads((d / "eval" / name / "results.json").read_text())["results"]
@@ -645,3 +648,51 @@ def test_a_killed_study_resumes_to_the_results_of_an_uninterrupted_one(tiny_base
         assert a == b, name
     ra, rb = (json.loads((d / "results.json").read_text())["arms"] for d in (tmp_path / "whole", stopped))
     assert {k: v["metrics"] for k, v in ra.items()} == {k: v["metrics"] for k, v in rb.items()}
+
+
+def test_adapt_dex_log_lines_phases_and_smoke_sizes(tiny_base, tmp_path, capsys):
+    """stderr not a terminal: one progress line per --log-every steps and one line per phase with its duration; the
+    phases' seconds are kept in adapter_config.json; the evaluation budget follows the run's size (--smoke)."""
+    import re
+
+    base, texts = tiny_base
+    out = tmp_path / "adapter"
+    rc, stdout, err = run(["adapt", "dex", "--base", str(base), "--text", *texts, "--out", str(out), "--steps", "7",
+                           "--batch-size", "2", "--seq-len", "16", "--calib-tokens", "64", "--log-every", "3"], capsys)
+    assert rc == 0, err
+    lines = err.splitlines()
+    steps = [line for line in lines if line.startswith("dex: step ")]
+    assert [re.match(r"dex: step (\d+)/7 ", line).group(1) for line in steps] == ["3", "6", "7"]
+    assert all(re.match(r"dex: step \d/7 loss \d+\.\d{4} [\d,]+ tok/s λ -?\d\.\d{3} \[", line) for line in steps), steps
+    phases = ["loading base", "preparing data", "head selection", "evaluation before", "training",
+              "evaluation after", "saving"]
+    for name in phases:
+        assert any(re.match(rf"{name}: \d+\.\d s", line) for line in lines), (name, lines)
+    # the order of the phase lines is the order of the work
+    order = [next(i for i, line in enumerate(lines) if line.startswith(name + ":")) for name in phases]
+    assert order == sorted(order)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert set(cfg["phases_s"]) == set(phases) - {"saving"}
+    assert re.search(r"^time: .* in all; loading base .*, saving ", stdout, re.M)
+    # no --val-tokens: the run's training tokens (7·2·16 = 224), raised to the 4,096 floor
+    assert cfg["training"]["settings"]["val_tokens"] == 4096
+    # --no-progress: no step lines; phases still timed
+    rc, _, err = run(["adapt", "dex", "--base", str(base), "--text", *texts, "--out", str(tmp_path / "q"), "--steps",
+                      "2", "--batch-size", "2", "--seq-len", "16", "--calib-tokens", "64", "--no-progress"], capsys)
+    assert rc == 0 and "dex: step" not in err and "training: " in err
+
+
+def test_dex_run_sizes_its_evaluation_and_calibration():
+    from diffattn.dex.run import CALIB_TOKENS, MIN_VAL_TOKENS, SMOKE_CALIB_TOKENS, SMOKE_STEPS, VAL_TOKENS, DexRun
+
+    small = DexRun(out="o", steps=40, batch_size=2, seq_len=128)
+    assert small.eval_tokens(40) == 40 * 2 * 128 and small.calibration_tokens() == CALIB_TOKENS
+    assert DexRun(out="o", steps=2).eval_tokens(2) == MIN_VAL_TOKENS
+    full = DexRun(out="o")
+    assert full.budget("cpu")[0] == 128 and full.eval_tokens(128) == VAL_TOKENS  # the default run is unchanged
+    smoke = DexRun(out="o", smoke=True)
+    assert smoke.budget("cpu")[0] == SMOKE_STEPS and smoke.eval_tokens(SMOKE_STEPS) == MIN_VAL_TOKENS
+    assert smoke.calibration_tokens() == SMOKE_CALIB_TOKENS
+    assert DexRun(out="o", smoke=True, steps=5, val_tokens=999, calib_tokens=77).budget("cpu")[0] == 5
+    explicit = DexRun(out="o", smoke=True, val_tokens=999, calib_tokens=77)
+    assert explicit.eval_tokens(40) == 999 and explicit.calibration_tokens() == 77

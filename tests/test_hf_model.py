@@ -83,10 +83,13 @@ def test_wrapper_save_load_same_logits(attention, tmp_path):
     ref = core(x)
     hf = DiffAttnForCausalLM.from_decoder(core)
     assert hf.model is core  # no second copy of the model
+    # bitwise: the wrapper calls the very same module on the same tensors
     torch.testing.assert_close(hf(x).logits, ref, rtol=0, atol=0)
     hf.save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert set(load_file(str(tmp_path / "hf" / "model.safetensors"))) == {"model." + k for k in core.state_dict()}
+    # bitwise below: every loader copies the saved bytes into fresh aligned memory (checkpoint.own_memory), so
+    # the loaded model runs the same kernels on the same values as ``core`` in this process, on any CPU
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(loaded) is DiffAttnForCausalLM
     torch.testing.assert_close(loaded(x).logits, ref, rtol=0, atol=0)
@@ -150,6 +153,7 @@ def test_generate_equals_diffattn_greedy(attention, tmp_path):
     prompt = ids(b=1, t=7)
     want = core.generate(prompt, 16)
     got = hf.generate(prompt, max_new_tokens=16, do_sample=False)
+    # token ids, not logits: greedy choices agree unless two logits of a random model tie within rounding
     assert torch.equal(got, want)
     # a left-padded batch: every row decodes as it would alone
     x = ids(b=3, t=9, seed=5)
@@ -306,6 +310,7 @@ def test_decoderlm_save_pretrained_and_from_pretrained(tmp_path):
     core.save_pretrained(tmp_path / "m")
     back = DecoderLM.from_pretrained(tmp_path / "m")
     x = torch.randint(0, core.config.vocab_size, (2, 9))
+    # bitwise: the loaders copy into fresh memory (checkpoint.own_memory), same values, same kernels, same process
     assert back.config == core.config and torch.equal(back(x), core.eval()(x))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # the same directory for transformers
     assert torch.equal(hf(x).logits, core(x))

@@ -343,7 +343,7 @@ def test_the_layers_are_the_decoders_implementation(variant):
     rope = Rotary(torch.arange(6).expand(2, 6), layer.head_dim, 10000.0, x.dtype)
     want, _ = dec(x, rope, mask=None, is_causal=True)
     got, _ = layer(x)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # bitwise: one implementation, same tensors, same ops
 
 
 def test_dropout_applies_in_training_only():

@@ -99,6 +99,7 @@ def test_corrupt_checkpoint_file_is_named_and_resume_falls_back(name, damage, fi
     assert "resuming at step 4" in err
     _, ref, ref_opt, _ = load_checkpoint(finished / "checkpoints" / "step-000006")
     _, got, got_opt, _ = load_checkpoint(newest)  # rewritten, intact
+    # bitwise: the rewritten checkpoint comes from a deterministic resume of the same run on this machine
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert all(torch.equal(v, got_opt["state"][n][f]) for n, e in ref_opt["state"].items() for f, v in e.items())
 
@@ -154,7 +155,7 @@ def test_nonfinite_step_is_skipped_without_changing_anything(corpus, tmp_path, m
     monkeypatch.setenv(NAN_ENV, "1")
     result = trainer.train_step(1)
     assert result.skipped and not torch.isfinite(result.loss)
-    assert all(torch.equal(before[k], v) for k, v in trainer.raw.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in trainer.raw.state_dict().items())  # a skipped step writes nothing
     for p, s in trainer.optimizer.state.items():
         assert all(torch.equal(opt_before[id(p)][k], v) for k, v in s.items())
     monkeypatch.delenv(NAN_ENV)
@@ -180,7 +181,7 @@ def test_skipped_steps_are_counted_logged_and_resume_exactly(corpus, tmp_path, m
     trainer.close()
     _, a, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "out"))
     _, b, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "straight"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: same process, same data order, deterministic skips
 
 
 def test_too_many_nonfinite_steps_stop_the_run_keeping_the_last_checkpoint(corpus, tmp_path, monkeypatch, capsys):

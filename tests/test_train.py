@@ -243,7 +243,7 @@ def test_exact_resume_is_bit_identical(straight, corpus, tmp_path, capsys):
     _, weights, optim, state = load_checkpoint(latest_checkpoint(out))
     ref_weights = ref.raw.state_dict()
     assert weights.keys() == ref_weights.keys()
-    for k in weights:
+    for k in weights:  # bitwise: resume is deterministic (same data order, RNG, optimizer state, one machine)
         assert torch.equal(weights[k], ref_weights[k]), k
     _, _, ref_optim, ref_state = load_checkpoint(latest_checkpoint(ref_out))
     for name, entry in ref_optim["state"].items():
@@ -269,6 +269,7 @@ def test_checkpoint_reloads_into_an_identical_model(straight):
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     trainer.raw.eval()
     with torch.no_grad():
+        # bitwise: load_model copies the saved bytes into fresh memory (checkpoint.own_memory): same values, kernels
         assert torch.equal(model(ids), trainer.raw(ids))
     state = json.loads((ckpt / "train_state.json").read_text())
     assert state["format"] == "diffattn-train-state-v1"
@@ -296,7 +297,7 @@ def test_graceful_stop_on_sigint_then_resume(straight, corpus, tmp_path):
     plan = plan_run(tables, resume=True)
     trainer = Trainer(plan)
     assert trainer.fit()["finished"]
-    for k, v in ref.raw.state_dict().items():
+    for k, v in ref.raw.state_dict().items():  # bitwise: deterministic resume (same data, RNG, optimizer state)
         assert torch.equal(trainer.raw.state_dict()[k], v), k
 
 
@@ -312,7 +313,7 @@ def test_resume_of_a_run_killed_before_its_final_evaluation_completes_it(corpus,
     assert final["kind"] == "eval" and final["step"] == 10
     metrics.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:7])  # the row never written, a torn line instead
     stale = json.loads((latest_checkpoint(tmp_path / "out") / "train_state.json").read_text()).get("val_loss")
-    assert stale != pytest.approx(final["val_loss"])  # the checkpoint holds the step-8 evaluation
+    assert stale == final["val_loss"]  # the final checkpoint is written after the final evaluation (not step 8's)
     rc, stdout, err = cli(capsys, "--config", cfg, "--resume")
     assert rc == 0, err
     assert f"val_loss {final['val_loss']:.4f}" in stdout
@@ -352,6 +353,7 @@ def test_activation_checkpointing_gives_the_same_step(corpus, tmp_path):
     b = Trainer(plan.with_train(activation_checkpointing=True))
     for step in range(2):
         ra, rb = a.train_step(step), b.train_step(step)
+        # bitwise: checkpointing recomputes the same forward with the same kernels on the same tensors
         assert torch.equal(ra.loss, rb.loss) and torch.equal(ra.grad_norm, rb.grad_norm)
     for (k, pa), pb in zip(a.raw.named_parameters(), b.raw.parameters()):
         assert torch.equal(pa, pb), k
@@ -467,3 +469,49 @@ def test_compiled_training_matches_eager(corpus, tmp_path):
         torch.testing.assert_close(a.loss, b.loss, rtol=1e-4, atol=1e-5)
     for (k, pa), pb in zip(eager.raw.named_parameters(), compiled.raw.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_resume_of_a_finished_run_reports_its_final_evaluation(corpus, tmp_path, capsys):
+    """The last checkpoint step is also an evaluation step of neither schedule (eval_every=15): the message of
+    --resume is the final evaluation, the record metrics.jsonl has, not the step-15 one."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "r.toml", corpus, out, max_steps=20, checkpoint_every=10, eval_every=15)
+    rc, stdout, err = cli(capsys, "--config", cfg)
+    assert rc == 0, err
+    evals = read_metrics(out, "eval")
+    assert [r["step"] for r in evals] == [0, 15, 20] and f"{evals[-1]['val_loss']:.4f}" != f"{evals[1]['val_loss']:.4f}"
+    final = f"finished at step 20 ({20 * 8 * 32:,} tokens), val_loss {evals[-1]['val_loss']:.4f}"
+    assert final in stdout
+    # the final checkpoint was written after the final evaluation and carries it
+    _, _, _, state = load_checkpoint(latest_checkpoint(out))
+    assert state["val_loss"] == evals[-1]["val_loss"]
+    rc, stdout, err = cli(capsys, "--config", cfg, "--resume")
+    assert rc == 0 and final in stdout, (stdout, err)
+    assert len(read_metrics(out, "eval")) == 3  # nothing re-evaluated
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(corpus, tmp_path, capsys):
+    """`diffattn train ... > log 2>&1`: no bar (not a terminal) but one plain line per log_every steps (step, loss,
+    tokens/s, λ summary, ETA) and one per phase (loading, each evaluation) with its duration."""
+    import re
+
+    cfg = write_config(tmp_path / "r.toml", corpus, tmp_path / "out", max_steps=20, progress=True)
+    rc, stdout, err = cli(capsys, "--config", cfg)
+    assert rc == 0 and "finished at step 20" in stdout
+    lines = err.splitlines()
+    steps = [line for line in lines if line.startswith("train diff_v1: step ")]
+    assert [int(re.search(r"step (\d+)/20", line).group(1)) for line in steps] == [5, 10, 15, 20]
+    pattern = r"train diff_v1: step \d+/20 loss \d+\.\d{4} [\d,]+ tok/s λ \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]"
+    assert all(re.match(pattern, line) for line in steps), steps
+    assert all(" eta " in line for line in steps[:-1]) and " eta " not in steps[-1]
+    train = read_metrics(tmp_path / "out", "train")
+    assert f"loss {train[1]['loss']:.4f}" in steps[1]  # the line says what metrics.jsonl says
+    assert re.match(r"loading: \d+\.\d s \(new, [\d,]+ parameters\)$", lines[1]), lines[:2]
+    evals = [line for line in lines if line.startswith("evaluation at step")]
+    assert [line.split()[3].rstrip(":") for line in evals] == ["0", "10", "20"]
+    assert all(re.search(r"val_loss \d+\.\d{4} \(\d+\.\d s\)$", line) for line in evals)
+    assert "\r" not in err and "it/s" not in err  # no progress bar in a file
+    # progress = false: the header and the last line only
+    cfg = write_config(tmp_path / "q.toml", corpus, tmp_path / "quiet", max_steps=10)
+    rc, stdout, err = cli(capsys, "--config", cfg)
+    assert rc == 0 and len(err.splitlines()) == 1 and err.startswith("diffattn train:")

@@ -69,6 +69,23 @@ def save_model(model: DecoderLM, directory: str | os.PathLike, *, tokenizer_file
     return directory
 
 
+def own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Give every parameter and buffer of ``module`` its own freshly allocated storage (in place; returns it).
+
+    safetensors' ``load_file`` (and transformers' loader) hand back tensors that view the file's bytes at
+    the offset its header leaves, e.g. 24 bytes off a 64-byte boundary, where PyTorch's CPU allocator
+    aligns every fresh tensor to 64 bytes. A model that adopts such tensors holds the same values, but the
+    CPU matmul may take another path for unaligned operands and round differently, so its logits can
+    differ in the last bits from the model that was saved. After this copy a loaded model is an ordinary
+    model: it computes what the saved one computed, bit for bit. Tied tensors stay tied (one Parameter).
+    """
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if not tensor.is_meta:
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+    return module
+
+
 def load_model(directory: str | os.PathLike, *, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, kernel: str | None = None) -> DecoderLM:
     """Load a model directory written by :func:`save_model` (or the HF wrapper's ``save_pretrained``)."""
@@ -97,7 +114,9 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device | Non
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise ValueError(f"{weights}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies "
                              f"{tuple(expected[name].shape)} (weights do not match config.json)")
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(state, assign=True)  # the file's dtypes; own_memory then copies out of its buffer
+    del tensors, state
+    own_memory(model)
     model = model.to(device=device) if device is not None else model
     if dtype is not None:
         model = model.to(dtype=dtype)

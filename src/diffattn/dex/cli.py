@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..utils.errors import UsageError
 from ..utils.options import add_actions, add_options_to_parser, options_from_args, read_toml
+from ..utils.progress import duration
 from .run import DexRun, _check_out
 
 
@@ -47,6 +48,8 @@ def run_dex(args: argparse.Namespace) -> int:
     print(f"val ppl: base {vb['val_ppl']:.3f} -> adapted {va['val_ppl']:.3f} "
           f"(loss {vb['val_loss']:.4f} -> {va['val_loss']:.4f}, {va['val_tokens']:,} tokens)")
     print(f"tokens: {summary['tokens']:,} in {summary['elapsed_s']:.0f} s ({summary['tokens_per_s']} tok/s)")
+    print(f"time: {duration(summary['wall_s'])} in all; "
+          + ", ".join(f"{name} {duration(s)}" for name, s in summary["phases_s"].items()))
     return 0
 
 

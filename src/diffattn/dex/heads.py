@@ -95,8 +95,11 @@ def attention_entropy(model: nn.Module, batches: Iterable[torch.Tensor]) -> torc
         with _EagerAttention(model):
             for s in sites:
                 hooks.append(s.attn.register_forward_hook(make_hook(s)))
+            # the decoder only (``base_model``): the maps are the same, and the output head over the vocabulary,
+            # a fifth of SmolLM2's forward, is not needed for entropy
+            decoder = getattr(model, "base_model", None) or model
             for ids in _windows(batches):
-                model(input_ids=ids.to(model.device), use_cache=False)
+                decoder(input_ids=ids.to(model.device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()

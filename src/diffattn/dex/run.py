@@ -29,6 +29,10 @@ from ..utils.options import opt, options_from_mapping
 DEFAULT_BASE = "smollm2"
 CPU_TOKENS = 131_072          # 128 steps of 4×256 tokens: ~10 min for SmolLM2-135M on 2 CPU cores
 GPU_TOKENS = 2_097_152        # "a few million": 512 steps of 16×256 tokens
+VAL_TOKENS = 32_768           # the most validation tokens by default (a full-sized run's evaluation)
+MIN_VAL_TOKENS = 4_096        # the fewest by default, and --smoke's
+CALIB_TOKENS, SMOKE_CALIB_TOKENS = 2_048, 1_024
+SMOKE_STEPS = 10            # of the default 4×256 tokens: 10,240 tokens, the size of a 40-step run of 2×128
 
 _DATA = "data (default: the project's default corpus, tokenised with the base tokenizer)"
 _HEADS = "heads"
@@ -62,14 +66,16 @@ class DexRun:
     steps: int | None = opt(None, "optimizer steps (overrides --tokens)", group=_DATA)
     batch_size: int = opt(4, "sequences per step", group=_DATA)
     seq_len: int = opt(256, "tokens per sequence", group=_DATA)
-    val_tokens: int = opt(32_768, "validation tokens (before/after perplexity)", group=_DATA)
+    val_tokens: int | None = opt(None, f"validation tokens (before/after perplexity; default: the training tokens, "
+                                       f"between {MIN_VAL_TOKENS:,} and {VAL_TOKENS:,})", group=_DATA)
     eval_every: int = opt(0, "also evaluate every N steps (0: before/after only)", group=_DATA)
     retrieval_share: float = opt(0.0, "share of training rows replaced by needle-retrieval sequences built from the "
                                       "train split (cities and numbers disjoint from the evaluation's)", group=_DATA)
     heads: str = opt("entropy", "entropy (highest attention entropy) | importance (lowest loss increase when "
                                 "zeroed) | all | LAYER:HEAD,...", group=_HEADS)
     fraction: float = opt(0.5, "heads per layer, as a fraction", group=_HEADS)
-    calib_tokens: int = opt(2048, "calibration tokens", group=_HEADS)
+    calib_tokens: int | None = opt(None, f"calibration tokens of the head selection (default {CALIB_TOKENS:,}; "
+                                         f"--smoke: {SMOKE_CALIB_TOKENS:,})", group=_HEADS)
     calib_seq_len: int = opt(256, "calibration window length", group=_HEADS)
     f_d: str = opt("layer", "W_D shared per layer or per head", group=_DEX, choices=["layer", "head"])
     head_norm: str = opt("none", "per-head RMSNorm after the subtraction (nonlinear: disables merge)", group=_DEX,
@@ -96,7 +102,11 @@ class DexRun:
     dtype: str = opt("auto", "weights dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16", group=_TRAIN,
                      choices=["auto", "float32", "bfloat16"])
     threads: int = opt(0, "torch CPU threads (0: torch default)", group=_TRAIN)
-    no_progress: bool = opt(False, "no progress bar", group=_TRAIN, switch=True)
+    no_progress: bool = opt(False, "no progress bar (on a terminal) or progress lines (elsewhere)", group=_TRAIN,
+                            switch=True)
+    log_every: int = opt(10, "a progress line every N steps when stderr is not a terminal", group=_TRAIN)
+    smoke: bool = opt(False, f"a smoke-sized run: {SMOKE_STEPS} steps unless --steps, {MIN_VAL_TOKENS:,} validation "
+                             f"and {SMOKE_CALIB_TOKENS:,} calibration tokens unless given", group=_TRAIN, switch=True)
 
     def __post_init__(self) -> None:
         if self.text is not None:
@@ -109,8 +119,8 @@ class DexRun:
         _check_out(Path(self.out))
         if self.data and self.text:
             raise ValueError("give --data or --text, not both")
-        for name in ("batch_size", "seq_len", "calib_tokens", "val_tokens"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "seq_len", "calib_tokens", "val_tokens", "log_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ValueError(f"--seq-len must be >= 2, got {self.seq_len}")
@@ -143,12 +153,32 @@ class DexRun:
     def budget(self, device: str) -> tuple[int, int]:
         """(optimizer steps, anneal steps T) for this run on ``device``."""
         tokens = self.tokens if self.tokens is not None else (GPU_TOKENS if device.startswith("cuda") else CPU_TOKENS)
-        steps = self.steps if self.steps is not None else max(1, math.ceil(tokens / (self.batch_size * self.seq_len)))
+        if self.steps is not None:
+            steps = self.steps
+        elif self.smoke and self.tokens is None:
+            steps = SMOKE_STEPS
+        else:
+            steps = max(1, math.ceil(tokens / (self.batch_size * self.seq_len)))
         T = self.anneal_steps if self.anneal_steps is not None else max(2, steps // 2)
         if self.method == "dex" and T < 2 and self.lambda_learn_init == 0:
             raise ValueError(f"--anneal-steps {T} with --lambda-learn-init 0 never leaves DEX's stationary point "
                              f"(W_D = 0, λ = 0): nothing would train; use T >= 2 or a nonzero --lambda-learn-init")
         return steps, T
+
+    def eval_tokens(self, steps: int) -> int:
+        """Validation tokens of each evaluation: ``--val-tokens``; else MIN_VAL_TOKENS under ``--smoke``; else the
+        run's training tokens within [MIN_VAL_TOKENS, VAL_TOKENS], so a 40-step run of 2×128 no longer evaluates
+        three times the tokens it trains on (twice), and a default-sized run still evaluates VAL_TOKENS."""
+        if self.val_tokens is not None:
+            return self.val_tokens
+        if self.smoke:
+            return MIN_VAL_TOKENS
+        return min(VAL_TOKENS, max(MIN_VAL_TOKENS, steps * self.batch_size * self.seq_len))
+
+    def calibration_tokens(self) -> int:
+        if self.calib_tokens is not None:
+            return self.calib_tokens
+        return SMOKE_CALIB_TOKENS if self.smoke else CALIB_TOKENS
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -196,19 +226,23 @@ def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
     device = str(resolve_device(run.device))
 
     t_start = time.time()
+    from ..utils.progress import phase
     from ..utils.runtime import parse_dtype
 
+    times: dict[str, float] = {}  # seconds of each phase, printed as it ends and kept in adapter_config.json
     dtype = parse_dtype(run.dtype if run.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32"))
-    base = load_base(run.base, device=device, dtype=dtype, log=log)
+    with phase("loading base", log, times):
+        base = load_base(run.base, device=device, dtype=dtype, log=log)
     model, tok = base.model, base.tokenizer
     sites = attention_sites(model)
     log(f"base: {base.name} ({type(model).__name__}, {len(sites)} layers × {sites[0].n_head} heads of "
         f"{sites[0].head_dim}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on {device}")
-    if run.data:
-        check_shards_match(run.data, tok, int(model.config.vocab_size))
-        shard_dir = Path(run.data)
-    else:
-        shard_dir = prepare_text(run.text, tok, seed=run.seed, log=log)
+    with phase("preparing data", log, times):
+        if run.data:
+            check_shards_match(run.data, tok, int(model.config.vocab_size))
+            shard_dir = Path(run.data)
+        else:
+            shard_dir = prepare_text(run.text, tok, seed=run.seed, log=log)  # tokenised once, then cached
     bos_id = None
     if base.prepend_bos:
         bos_id = getattr(tok, "bos_token_id", None) if tok is not None else getattr(model.config, "bos_token_id", None)
@@ -222,13 +256,14 @@ def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
     if run.method == "finetune":  # no module, so no heads to choose
         heads, record = {}, {"criterion": "none (finetune: no module)"}
     else:
-        heads, record = _choose_heads(run, model, data, sites, choose_heads, importance_cost, log)
+        with phase("head selection", log, times):
+            heads, record = _choose_heads(run, model, data, sites, choose_heads, importance_cost, log)
     fingerprint = base_fingerprint(model)
     apply_dex(model, heads, options)
     settings = TrainSettings(steps=steps, lr=run.lr, weight_decay=run.weight_decay,
                              warmup_steps=run.warmup if run.warmup is not None else max(0, steps // 20),
                              grad_clip=run.grad_clip, train_mode=run.train, eval_every=run.eval_every,
-                             val_tokens=run.val_tokens, lambda_lr=run.lambda_lr)
+                             val_tokens=run.eval_tokens(steps), lambda_lr=run.lambda_lr)
     if run.method == "dex":
         _warn_unreachable(options, settings, [s.layer_idx for s in sites if s.layer_idx in heads])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +271,8 @@ def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
     log(f"training {run.train} params with {run.method}: {steps} steps × {run.batch_size}×{run.seq_len} tokens, "
         f"T={T}, lr={run.lr}")
     try:
-        summary = train_adapter(model, data, settings, metrics_dir=metrics_tmp, progress=not run.no_progress, log=log)
+        summary = train_adapter(model, data, settings, metrics_dir=metrics_tmp, progress=not run.no_progress, log=log,
+                                log_every=run.log_every, times=times)
         extra = {
             "base_spec": base.name, "prepend_bos": base.prepend_bos,
             "calibration": record,
@@ -244,14 +280,17 @@ def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
                          "seq_len": run.seq_len, "seed": run.seed, "device": device,
                          "threads": torch.get_num_threads(), "data": info},
             "wall_s": round(time.time() - t_start, 1),
+            "phases_s": times,
         }
-        save_adapter(model, out, options=options, heads=heads, train_mode=run.train, fingerprint=fingerprint,
-                     step=steps, extra=extra, extra_files={"metrics.jsonl": metrics_tmp / "metrics.jsonl"})
+        with phase("saving", log, times):
+            save_adapter(model, out, options=options, heads=heads, train_mode=run.train, fingerprint=fingerprint,
+                         step=steps, extra=extra, extra_files={"metrics.jsonl": metrics_tmp / "metrics.jsonl"})
     finally:
         import shutil
 
         shutil.rmtree(metrics_tmp, ignore_errors=True)
-    return {**summary, "out": str(out), "adapter_bytes": (out / "adapter.safetensors").stat().st_size}
+    return {**summary, "out": str(out), "adapter_bytes": (out / "adapter.safetensors").stat().st_size,
+            "phases_s": times, "wall_s": round(time.time() - t_start, 1)}
 
 
 def _warn_unreachable(options, settings, layers: list[int]) -> None:
@@ -277,7 +316,7 @@ def _warn_unreachable(options, settings, layers: list[int]) -> None:
 def _choose_heads(run: DexRun, model, data, sites, choose_heads, importance_cost, log):
     calib = None
     if run.heads in ("entropy", "importance"):
-        calib = data.calibration_windows(run.calib_tokens, min(run.calib_seq_len, run.seq_len))
+        calib = data.calibration_windows(run.calibration_tokens(), min(run.calib_seq_len, run.seq_len))
         if run.heads == "importance":
             log(f"calibration: ablating {importance_cost(model)} heads one at a time over "
                 f"{sum(w.numel() for w in calib):,} tokens ...")

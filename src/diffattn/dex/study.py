@@ -71,6 +71,8 @@ def _cmd(args: list[str], log: list, out: Path, name: str, timeout: float | None
     t = time.time()
     logf = out / "logs" / f"{name}.log"
     logf.parent.mkdir(parents=True, exist_ok=True)
+    if _BAR is None or _BAR.disable:  # no bar (not a terminal): say what runs now; its progress lines go to its log
+        _echo(f"[{name}] started; log {logf}")
     with open(logf, "w") as fh:
         try:
             rc = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
@@ -221,7 +223,7 @@ def _run_study(args, out: Path, da: list[str], log: list, t0: float, runs, names
                             *(["--data", args.data] if args.data else ["--text", *args.text]),
                             "--retrieval-share", str(args.retrieval_share),
                             "--dtype", "bfloat16" if args.device.startswith("cuda") else "float32",
-                            "--no-progress", *extra], log, out, f"train-{name}")
+                            *extra], log, out, f"train-{name}")  # its log is a file: progress lines, phase times
             if rc:
                 return rc
         _BAR.update()

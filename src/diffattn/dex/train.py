@@ -5,7 +5,8 @@ first step only moves what does not depend on W_D), the batch of step t is a pur
 (seed, t) (``diffattn.data.loader.WindowSampler``), the loss is next-token cross-entropy, gradients
 are clipped, and the learning rate follows a linear warm-up then a cosine decay to 10 %. After the
 last step the schedule position is set to the number of steps taken: that is the λ the adapter keeps.
-Progress: a tqdm bar and ``metrics.jsonl`` (one JSON object per logged step and per evaluation).
+Progress: ``metrics.jsonl`` (one JSON object per step and per evaluation); a tqdm bar on a terminal, else one
+line per ``log_every`` steps (utils/progress.py); one line per evaluation and for the training with its duration.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn as nn
 from ..model.loss import lm_loss as _lm_loss
 from ..train.metrics import MetricsLog
 from ..train.optim import clip_grad_norm, warmup_cosine_lr
+from ..utils.progress import StepProgress, duration, phase
 
 from .surgery import DEXOutputProjection, adapter_modules, configure_trainable, set_dex_step
 
@@ -70,6 +72,10 @@ def evaluate(model: nn.Module, batches) -> dict:
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
 
 
+def _eval_detail(result: dict) -> str:
+    return f"val_loss {result['val_loss']:.4f}, {result['val_tokens']:,} tokens"
+
+
 def lambda_values(model: nn.Module) -> dict[int, float]:
     out = {}
     for m in adapter_modules(model):
@@ -92,11 +98,13 @@ def lambda_wd_norms(model: nn.Module) -> dict[int, float]:
 
 
 def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_dir: Path | None = None,
-                  progress: bool = True, log=print) -> dict:
+                  progress: bool = True, log=print, log_every: int = 10, times: dict | None = None) -> dict:
     """Train in place; ``data`` provides ``batch(step)`` and ``val_batches(max_tokens)``. Returns a summary.
     With ``metrics_dir``, one JSON record per logged step and evaluation goes to ``metrics_dir/metrics.jsonl``
     (the main trainer's MetricsLog). The step itself is the main trainer's: named AdamW groups (decay /
-    no_decay), the warm-up + cosine schedule, the global-norm clip (train/optim.py) and the fp32 loss."""
+    no_decay), the warm-up + cosine schedule, the global-norm clip (train/optim.py) and the fp32 loss.
+    ``progress``: a bar on a terminal, else a line per ``log_every`` steps; ``log`` gets one line per phase
+    (evaluation before, training, evaluation after) with its duration, and ``times`` its seconds."""
     params = configure_trainable(model, settings.train_mode)
     n_trainable = sum(p.numel() for p in params)
     lams = {id(m.lambda_learn) for m in adapter_modules(model)
@@ -116,13 +124,13 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_di
     emit = metrics.write
 
     set_dex_step(model, 0)
-    before = evaluate(model, data.val_batches(settings.val_tokens))
+    with phase("evaluation before", log, times) as ph:
+        before = evaluate(model, data.val_batches(settings.val_tokens))
+        ph["detail"] = _eval_detail(before)
     emit({"step": 0, "tokens": 0, **before})
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=settings.steps, desc="dex", unit="step", dynamic_ncols=True, disable=None)  # only on a terminal
+    bar = StepProgress("dex", settings.steps, enabled=progress, write=log)
     t0, tokens, history = time.time(), 0, []
+    t_report, tokens_report = time.perf_counter(), 0
     model.train()
     try:
         for step in range(settings.steps):
@@ -154,16 +162,26 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_di
             if settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < settings.steps:
                 set_dex_step(model, step + 1)
                 emit({"step": step + 1, "tokens": tokens, **evaluate(model, data.val_batches(settings.val_tokens))})
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lam=f"{lam_mean:.3f}" if lam_mean is not None else "-")
+            bar.advance()
+            if (step + 1) % log_every == 0 or step + 1 == settings.steps:
+                now = time.perf_counter()
+                recent = history[-((step % log_every) + 1):]  # the steps since the last line
+                bar.report(step + 1, loss=sum(recent) / len(recent),
+                           tokens_per_s=(tokens - tokens_report) / max(now - t_report, 1e-9),
+                           lambdas=list(lams.values()))
+                t_report, tokens_report = now, tokens
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     elapsed = time.time() - t0
+    if times is not None:
+        times["training"] = round(elapsed, 2)
+    log(f"training: {duration(elapsed)} ({settings.steps} steps, {tokens / max(elapsed, 1e-9):,.0f} tok/s"
+        f"{', evaluations included' if settings.eval_every else ''})")
     set_dex_step(model, settings.steps)
     model.eval()
-    after = evaluate(model, data.val_batches(settings.val_tokens))
+    with phase("evaluation after", log, times) as ph:
+        after = evaluate(model, data.val_batches(settings.val_tokens))
+        ph["detail"] = _eval_detail(after)
     emit({"step": settings.steps, "tokens": tokens, **after, "elapsed_s": round(elapsed, 2)})
     metrics.close()
     for p in model.parameters():

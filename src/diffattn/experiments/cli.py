@@ -24,6 +24,8 @@ def run_compare_cli(args: argparse.Namespace) -> int:
         overrides["study.variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.seeds is not None:
         overrides["study.seeds"] = args.seeds
+    if args.quiet:  # the training runs' progress lines too
+        overrides["train.progress"] = False
     study = load_study(args.preset, overrides)
     out = Path(args.out or f"runs/compare-{study.name}")
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))

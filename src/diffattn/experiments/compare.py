@@ -126,6 +126,8 @@ def train_run(study: StudyConfig, variant: str, seed: int, data_dir: Path, run_d
         raise KeyboardInterrupt  # stopped by a signal: the checkpoint is saved, `compare` resumes it
     summary.update(variant=variant, seed=seed, train_wall_s=time.time() - t0, params=built["params"],
                    config=cfg.to_dict())
+    val = f", val_loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""
+    log(f"[compare] {variant} seed {seed}: trained in {summary['train_wall_s']:.1f}s{val}")
     write_text_atomic(done, json.dumps(summary, indent=1) + "\n")
     return summary
 

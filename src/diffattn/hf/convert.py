@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from ..fsutil import atomic_directory, read_json
 from ..utils.runtime import DTYPES as RUNTIME_DTYPES
-from ..checkpoint import WEIGHT_PREFIX, read_config
+from ..checkpoint import WEIGHT_PREFIX, own_memory, read_config
 from ..config import ModelConfig, lambda_init_for_depth
 from ..model import DecoderLM, build_model
 from .tokenizer import copy_tokenizer, special_token_ids
@@ -443,7 +443,7 @@ def _decoder(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> DecoderLM:
     with torch.device("meta"):
         model = build_model(cfg.replace(kernel="eager"))
     model.load_state_dict(state, assign=True, strict=True)
-    return model.float().eval()
+    return own_memory(model.float().eval())  # not the safetensors buffers (checkpoint.own_memory says why)
 
 
 def _verify_export(state, hf_state, out: Path, cfg: ModelConfig, arch: str) -> float:

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..fsutil import read_json
-from ..checkpoint import CONFIG_NAME, WEIGHT_PREFIX, WEIGHTS_NAME
+from ..checkpoint import CONFIG_NAME, WEIGHT_PREFIX, WEIGHTS_NAME, own_memory
 from ..model import DecoderLM, KVCache, build_model
 from ..utils.integrity import verify_checksums
 from .configuration import MODEL_TYPE, DiffAttnConfig
@@ -267,7 +267,10 @@ class DiffAttnForCausalLM(DiffAttnPreTrainedModel, GenerationMixin):
             if (local / subfolder).is_dir():
                 config = kwargs.get("config")
                 validate_model_dir(local / subfolder, config if isinstance(config, DiffAttnConfig) else None)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # transformers may leave the tensors in the file's buffers: copy them out (checkpoint.own_memory says why)
+        own_memory(loaded[0] if isinstance(loaded, tuple) else loaded)  # output_loading_info=True: a tuple
+        return loaded
 
     @classmethod
     def from_decoder(cls, model: DecoderLM, **config_kwargs: Any) -> "DiffAttnForCausalLM":

@@ -252,6 +252,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
         optim_tensors = load_file(str(path / STATE_TENSORS))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot read checkpoint tensors ({e})") from None
+    # copies in fresh memory, not views of the files' buffers (checkpoint.own_memory says why); the optimizer
+    # adopts its tensors as they are, and the model copies its own
+    optim_tensors = {k: v.clone() for k, v in optim_tensors.items()}
     model_state = {k[len(WEIGHT_PREFIX):]: v for k, v in weights.items() if k.startswith(WEIGHT_PREFIX)}
     return config, model_state, unflatten_optimizer_state(optim_tensors, state.get("optimizer", {})), state
 

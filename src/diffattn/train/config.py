@@ -134,7 +134,7 @@ class TrainConfig:
     log_every: int = 10  # write a train record to metrics.jsonl every N steps
     checkpoint_every: int = 500  # save a checkpoint every N steps (and at the end); 0: only at the end
     keep_checkpoints: int = 3  # keep the last K checkpoints
-    progress: bool = True  # tqdm progress bar (on a terminal)
+    progress: bool = True  # progress: a tqdm bar on a terminal; else a line per log_every steps and per evaluation
     tensorboard: bool = True  # also log to OUT/tensorboard when the tensorboard package is installed
     peak_tflops: float | None = None  # accelerator peak for MFU; default: looked up for known GPUs (bf16)
     # --- numerical faults (faults.py, docs/reliability.md) ---

@@ -54,6 +54,7 @@ from .faults import NumericsGuard, nan_injected
 from .config import TrainConfig, resolve_model_config
 from ..model.loss import lm_loss
 from .metrics import MetricsLog, flops_per_token, lambda_values, peak_flops
+from ..utils.progress import StepProgress, duration
 from .optim import build_optimizer, clip_grad_norm, set_lr
 
 RUN_FILE = "run.json"
@@ -202,6 +203,7 @@ class Trainer:
         the plan's window sampler (e.g. a needle-mixing wrapper around ``plan.window_sampler()``)."""
         if not isinstance(plan, RunPlan):
             raise TypeError(f"Trainer takes a RunPlan (plan_run / plan_configs), got {type(plan).__name__}")
+        t_load = time.perf_counter()
         model_config, config = plan.model_config, plan.train_config
         self.plan, self.model_config, self.config = plan, model_config, config
         self.info = dist_info if dist_info is not None else D.setup(config)
@@ -253,10 +255,12 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, config.peak_tflops)
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
+        self._progress: StepProgress | None = None  # while fit() runs
         self._stop = False
         self.stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped fit()
         self.guard = NumericsGuard(config.max_skipped_steps, config.lambda_alarm, config.grad_spike_factor,
                                    skipped=int((resumed or {}).get("skipped_steps", 0)))
+        self.load_s = time.perf_counter() - t_load  # model, optimizer, data (and the checkpoint when resuming)
 
     # ------------------------------------------------------------------ numerics
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -363,7 +367,7 @@ class Trainer:
         target = self.total_steps if stop_at_step is None else min(self.total_steps, stop_at_step)
         resumed_at = self.step if self.resumed_state is not None else None
         if resumed_at is not None and self.step >= target:  # nothing left to train
-            if self.step == self.total_steps and not self._final_eval_logged():
+            if self.step == self.total_steps and self._eval_record() is None:
                 self._final_eval()  # killed after the final checkpoint, before the final evaluation
             return self._summary()
         with run_lock(self.out, info.is_main):
@@ -377,8 +381,12 @@ class Trainer:
         cfg, info = self.config, self.info
         log = MetricsLog(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard,
                          resume_step=resumed_at if resumed_at is not None else -1)
-        bar = self._progress_bar()
+        bar = self._progress = StepProgress(f"train {self.model_config.attention}", self.total_steps,
+                                            initial=self.step, enabled=info.is_main and cfg.progress)
         evaluated_at = saved_at = None
+        if bar.enabled:
+            what = f"from {self.plan.resume_from.name}" if self.plan.resume_from is not None else "new"
+            bar.line(f"loading: {duration(self.load_s)} ({what}, {self.n_params:,} parameters)")
         try:
             with self._stop_on_signals():
                 if resumed_at is None and cfg.eval_every > 0:  # the baseline at step 0
@@ -402,8 +410,7 @@ class Trainer:
                         n_acc += 1
                         for alarm in self.guard.watch_grad(self.step, float(result.grad_norm)):
                             log.write(alarm)
-                    if bar is not None:
-                        bar.update(1)
+                    bar.advance()
                     if self.step % cfg.log_every == 0 or self.step == target:
                         if self.device.type == "cuda":  # queued GPU work belongs to the training steps
                             t_sync = time.perf_counter()
@@ -423,10 +430,10 @@ class Trainer:
                         log.write(record)
                         for alarm in self.guard.watch_lambda(self.step, lams):
                             log.write(alarm)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                        bar.report(self.step, loss=loss, tokens_per_s=tok_s, lambdas=lams)
                         loss_acc, n_acc, train_time, tokens_log = torch.zeros((), device=self.device), 0, 0.0, self.tokens
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    # the final evaluation comes before the final checkpoint, so its train_state carries it
+                    if self.step == self.total_steps or (cfg.eval_every and self.step % cfg.eval_every == 0):
                         self._eval_and_log(log)
                         evaluated_at = self.step
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -437,39 +444,48 @@ class Trainer:
                 if saved_at != self.step and (resumed_at is None or self.step != resumed_at):
                     self.save()
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
+            self._progress = None
             log.close()
         return self._summary()
 
     def _summary(self) -> dict:
         if self.last_val_loss is None and self.resumed_state is not None and self.step == self.resumed_state["step"]:
-            self.last_val_loss = self.resumed_state.get("val_loss")
+            # nothing trained: the run's own evaluation at this step, the record metrics.jsonl holds (a checkpoint
+            # written before the final evaluation, by an older version, carries an earlier one)
+            record = self._eval_record()
+            self.last_val_loss = record["val_loss"] if record else self.resumed_state.get("val_loss")
         return {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
                 "val_loss": self.last_val_loss, "checkpoint": str(self.last_checkpoint or latest_checkpoint(self.out)),
                 "finished": self.step >= self.total_steps, "signal": self.stop_signal}
 
     def _eval_and_log(self, log: MetricsLog) -> None:
+        t0 = time.perf_counter()
         loss = self.evaluate()
+        if self._progress is not None and self._progress.enabled:
+            self._progress.line(f"evaluation at step {self.step}: val_loss {loss:.4f} "
+                                f"({duration(time.perf_counter() - t0)})")
         self.last_val_loss = loss
         log.write({"kind": "eval", "step": self.step, "tokens": self.tokens, "val_loss": loss,
                    "val_ppl": math.exp(min(loss, 700.0)),
                    "val_tokens": n_eval_windows(self.val_shards, self.seq_len, self.config.eval_tokens) * self.seq_len})
 
-    def _final_eval_logged(self) -> bool:
+    def _eval_record(self) -> dict | None:
+        """The last ``eval`` record of metrics.jsonl at the current step, or None."""
         from .metrics import METRICS_FILE
 
         path = self.out / METRICS_FILE
         if not path.is_file():
-            return False
+            return None
+        found = None
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line of a killed run
-            if rec.get("kind") == "eval" and rec.get("step") == self.step:
-                return True
-        return False
+            if isinstance(rec, dict) and rec.get("kind") == "eval" and rec.get("step") == self.step:
+                found = rec
+        return found
 
     def _final_eval(self) -> None:
         """The final evaluation of a finished run that was killed before it: evaluate the final weights now and
@@ -481,15 +497,6 @@ class Trainer:
                 self._eval_and_log(log)
             finally:
                 log.close()
-
-    def _progress_bar(self):
-        if not (self.info.is_main and self.config.progress):
-            return None
-        from tqdm.auto import tqdm
-
-        # disable=None: shown on a terminal, silent when stderr is redirected
-        return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=None,
-                    desc=f"train {self.model_config.attention}")
 
     def _write_run_file(self) -> None:
         record = {"model_config": self.model_config.to_dict(), "train_config": self.config.to_dict(),
