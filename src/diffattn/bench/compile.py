@@ -39,8 +39,8 @@ from ..utils.errors import UsageError
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100")
 DTYPES = ("bf16", "fp16", "fp32")
 HEAD_DIMS = (64, 96, 128)
-KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "decode", "decode_merge", "combine")
-TENSOR_CORE_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+KERNELS = ("fwd", "bwd_dk", "bwd_dv", "bwd_dq", "decode", "decode_merge", "combine")
+TENSOR_CORE_KERNELS = ("fwd", "bwd_dk", "bwd_dv", "bwd_dq")
 ROUTED = {"fp32": "sdpa"}  # dtype -> where differential() sends it on a GPU (triton_diff.route_reason)
 
 

@@ -240,76 +240,118 @@ if triton is not None:
         tl.store(O1 + offs, (o1 - lam * o2).to(O1.dtype.element_ty), mask=ok)
 
     @triton.jit(do_not_specialize=["T", "S"])
-    def _bwd_dkdv_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, DK1, DK2, DV,
-                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                         stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-                         stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-                         H, HKV, N_REP, T, S, qk_scale, sm_scale,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         CAUSAL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-        """dK1, dK2 and dV of one key tile: one pass over the query tiles per map (one dK accumulator live at a
-        time); dV = Σ_c coef_c·P_cᵀ·dO accumulates across both passes (coef_1 = 1, coef_2 = −λ). Works on the
-        transposed tiles (key rows × query columns) so that every dot has the key tile as its M side."""
+    def _bwd_dk_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, DK1, DK2,
+                       stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                       stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                       stride_dkb, stride_dkh, stride_dkt,
+                       H, HKV, N_REP, T, S, qk_scale, sm_scale,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       CAUSAL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        """dK_c of one key tile for one map c (the fastest grid index): dS_c = P_c ⊙ (coef_c·dO·Vᵀ − δ_c) with
+        coef = 1, −λ. Works on transposed tiles (key rows × query columns) so that every dot has the key tile
+        as its M side; loops over the n_rep query heads of its GQA group (no atomics)."""
         qk_scale = tl.cast(qk_scale, tl.float32)
         sm_scale = tl.cast(sm_scale, tl.float32)
+        pid = tl.program_id(0)
+        c = pid % 2
+        pid_n = pid // 2
+        pid_bk = tl.program_id(1)
+        b = pid_bk // HKV
+        hk = pid_bk % HKV
+        if c == 0:
+            Qc = Q1
+            Kc = K1
+            DKc = DK1
+        else:
+            Qc = Q2
+            Kc = K2
+            DKc = DK2
+        lam = tl.load(LAM)
+        coef = 1.0 - (c * 1.0) * (1.0 + lam)  # 1 for map 1, −λ for map 2
+        start_n = pid_n * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_e, ch_e, ok_e = _value_channels(D, BLOCK_D)
+        kmask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
+        k = tl.load(Kc + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                    mask=kmask, other=0.0)
+        v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + ch_e[None, :],
+                    mask=(offs_n[:, None] < S) & ok_e[None, :], other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        zero = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0  # query tiles that can see this key tile
+        bht = tl.num_programs(1) * N_REP * T  # B·H·T: where map 2 starts in LSE and DELTA
+        for r in range(0, N_REP):
+            h = hk * N_REP + r
+            for start_m in range(lo, T, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                q = tl.load(Qc + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                            mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+                do = tl.load(DO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + ch_e[None, :],
+                             mask=(offs_m[:, None] < T) & ok_e[None, :], other=0.0)
+                row = c * bht + (b * H + h) * T + offs_m
+                # padding rows get lse = +inf, so p = 0 there; padded keys have k = v = 0 and their dk rows
+                # are never stored, so they need no mask
+                lse = tl.load(LSE + row, mask=offs_m < T, other=float("inf"))
+                delta = tl.load(DELTA + row, mask=offs_m < T, other=0.0)
+                pt = tl.exp2(_dot(k, tl.trans(q), zero, PREC, UPCAST) * qk_scale - lse[None, :])
+                if CAUSAL:
+                    if start_m < start_n + BLOCK_N:  # tile crosses the diagonal
+                        pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
+                dpt = _dot(v, tl.trans(do), zero, PREC, UPCAST)  # (dO·Vᵀ)ᵀ
+                dst = pt * (coef * dpt - delta[None, :])
+                dk = _dot(dst.to(q.dtype), q, dk, PREC, UPCAST)
+        tl.store(DKc + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+                 (dk * sm_scale).to(DKc.dtype.element_ty), mask=kmask)
+
+    @triton.jit(do_not_specialize=["T", "S"])
+    def _bwd_dv_kernel(Q1, Q2, K1, K2, LAM, DO, LSE, DV,
+                       stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                       stride_ob, stride_oh, stride_ot, stride_vb, stride_vh, stride_vt,
+                       H, HKV, N_REP, T, S, qk_scale,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       CAUSAL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        """dV of one key tile: Σ over the query tiles of (P1 − λ·P2)ᵀ·dO, both maps recomputed side by side (one
+        dV accumulator of BLOCK_N × 2d; no dK accumulators here)."""
+        qk_scale = tl.cast(qk_scale, tl.float32)
         pid_n = tl.program_id(0)
         pid_bk = tl.program_id(1)
         b = pid_bk // HKV
         hk = pid_bk % HKV
+        lam = tl.load(LAM)
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_e, ch_e, ok_e = _value_channels(D, BLOCK_D)
         kmask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
         k_off = b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-        vmask = (offs_n[:, None] < S) & ok_e[None, :]
-        v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + ch_e[None, :],
-                    mask=vmask, other=0.0)
-        lam = tl.load(LAM)
+        k1 = tl.load(K1 + k_off, mask=kmask, other=0.0)
+        k2 = tl.load(K2 + k_off, mask=kmask, other=0.0)
         dv = tl.zeros([BLOCK_N, 2 * BLOCK_D], dtype=tl.float32)
         zero = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        if CAUSAL:  # query tiles that can see this key tile
-            lo = (start_n // BLOCK_M) * BLOCK_M
-        else:
-            lo = 0
-        bht = tl.num_programs(1) * N_REP * T  # B·H·T: the offset of map 2 in LSE and DELTA
-        for c in range(0, 2):
-            if c == 0:
-                Qc = Q1
-                Kc = K1
-                DKc = DK1
-            else:
-                Qc = Q2
-                Kc = K2
-                DKc = DK2
-            coef = 1.0 - (c * 1.0) * (1.0 + lam)  # 1 for map 1, −λ for map 2
-            k = tl.load(Kc + k_off, mask=kmask, other=0.0)
-            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            for r in range(0, N_REP):  # the query heads of this GQA group, accumulated here: no atomics
-                h = hk * N_REP + r
-                for start_m in range(lo, T, BLOCK_M):
-                    offs_m = start_m + tl.arange(0, BLOCK_M)
-                    q = tl.load(Qc + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                                mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)
-                    do = tl.load(DO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + ch_e[None, :],
-                                 mask=(offs_m[:, None] < T) & ok_e[None, :], other=0.0)
-                    row = c * bht + (b * H + h) * T + offs_m
-                    # padding rows get lse = +inf, so p = 0 there; padded keys have k = v = 0 and their
-                    # dk/dv rows are never stored, so they need no mask
-                    lse = tl.load(LSE + row, mask=offs_m < T, other=float("inf"))
-                    delta = tl.load(DELTA + row, mask=offs_m < T, other=0.0)
-                    pt = tl.exp2(_dot(k, tl.trans(q), zero, PREC, UPCAST) * qk_scale - lse[None, :])
-                    if CAUSAL:
-                        if start_m < start_n + BLOCK_N:  # tile crosses the diagonal
-                            pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
-                    dpt = _dot(v, tl.trans(do), zero, PREC, UPCAST)  # (dO·Vᵀ)ᵀ
-                    dv = _dot((pt * coef).to(do.dtype), do, dv, PREC, UPCAST)
-                    dst = pt * (coef * dpt - delta[None, :])
-                    dk = _dot(dst.to(q.dtype), q, dk, PREC, UPCAST)
-            tl.store(DKc + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-                     (dk * sm_scale).to(DKc.dtype.element_ty), mask=kmask)
-        tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + ch_e[None, :],
-                 dv.to(DV.dtype.element_ty), mask=vmask)
+        lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
+        bht = tl.num_programs(1) * N_REP * T
+        for r in range(0, N_REP):
+            h = hk * N_REP + r
+            for start_m in range(lo, T, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+                qmask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+                row = (b * H + h) * T + offs_m
+                lse1 = tl.load(LSE + row, mask=offs_m < T, other=float("inf"))
+                lse2 = tl.load(LSE + bht + row, mask=offs_m < T, other=float("inf"))
+                q1 = tl.load(Q1 + q_off, mask=qmask, other=0.0)
+                pt = tl.exp2(_dot(k1, tl.trans(q1), zero, PREC, UPCAST) * qk_scale - lse1[None, :])
+                q2 = tl.load(Q2 + q_off, mask=qmask, other=0.0)
+                pt -= lam * tl.exp2(_dot(k2, tl.trans(q2), zero, PREC, UPCAST) * qk_scale - lse2[None, :])
+                if CAUSAL:
+                    if start_m < start_n + BLOCK_N:
+                        pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
+                do = tl.load(DO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + ch_e[None, :],
+                             mask=(offs_m[:, None] < T) & ok_e[None, :], other=0.0)
+                dv = _dot(pt.to(do.dtype), do, dv, PREC, UPCAST)
+        tl.store(DV + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + ch_e[None, :],
+                 dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < S) & ok_e[None, :])
 
     @triton.jit(do_not_specialize=["T", "S"])
     def _bwd_dq_kernel(Q1, Q2, K1, K2, V, LAM, DO, LSE, DELTA, DQ1, DQ2,
@@ -455,7 +497,7 @@ if triton is not None:
 # Per-SM shared memory a block may opt into (bytes), by compute capability: what `fits` is judged against.
 SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 TARGETS = (80, 86, 89, 90, 100)  # what `diffattn bench compile` compiles for (sm_100 where triton has it)
-KERNEL_NAMES = ("fwd", "bwd_dkdv", "bwd_dq", "decode", "decode_merge")
+KERNEL_NAMES = ("fwd", "bwd_dk", "bwd_dv", "bwd_dq", "decode", "decode_merge", "combine")
 
 
 class Launch(NamedTuple):
@@ -466,11 +508,9 @@ class Launch(NamedTuple):
 
 
 def _arch_group(cc: int) -> str:
-    """Targets that share a launch configuration: Hopper and later (wgmma, ~227 KB shared memory),
-    consumer Ampere/Ada (99 KB) and the A100 class (163 KB)."""
-    if cc >= 90 and cc != 120:
-        return "sm90"
-    return "sm86" if SMEM_LIMIT.get(cc, 101376) <= 101376 else "sm80"
+    """Targets that share a launch configuration: Hopper and later (wgmma, ~227 KB shared memory), and
+    Ampere/Ada (mma.sync; the sm_80 rows also fit sm_86/89's 99 KB)."""
+    return "sm90" if cc >= 90 and cc != 120 else "sm80"
 
 
 # (kernel, arch group, BLOCK_D) -> Launch, for bf16/fp16. Chosen from compiled candidates (`diffattn bench
@@ -478,17 +518,15 @@ def _arch_group(cc: int) -> str:
 # MMA (wgmma on sm_90) under triton 3.6 and 3.9; docs/benchmarks.md has the table.
 _LAUNCH = {
     ("fwd", "sm90", 64): Launch(128, 64, 8, 3), ("fwd", "sm90", 128): Launch(128, 64, 8, 2),
-    ("fwd", "sm80", 64): Launch(128, 64, 8, 3), ("fwd", "sm80", 128): Launch(64, 64, 4, 2),
-    ("fwd", "sm86", 64): Launch(128, 64, 8, 2), ("fwd", "sm86", 128): Launch(64, 32, 4, 2),
-    ("bwd_dkdv", "sm90", 64): Launch(64, 64, 4, 2), ("bwd_dkdv", "sm90", 128): Launch(32, 64, 4, 2),
-    ("bwd_dkdv", "sm80", 64): Launch(64, 64, 4, 2), ("bwd_dkdv", "sm80", 128): Launch(32, 64, 8, 2),
-    ("bwd_dkdv", "sm86", 64): Launch(64, 64, 4, 2), ("bwd_dkdv", "sm86", 128): Launch(32, 64, 8, 1),
+    ("fwd", "sm80", 64): Launch(64, 64, 8, 2), ("fwd", "sm80", 128): Launch(64, 64, 8, 2),
+    ("bwd_dk", "sm90", 64): Launch(32, 64, 8, 2), ("bwd_dk", "sm90", 128): Launch(32, 64, 8, 2),
+    ("bwd_dk", "sm80", 64): Launch(32, 32, 4, 2), ("bwd_dk", "sm80", 128): Launch(32, 64, 8, 2),
+    ("bwd_dv", "sm90", 64): Launch(32, 64, 8, 2), ("bwd_dv", "sm90", 128): Launch(32, 64, 8, 2),
+    ("bwd_dv", "sm80", 64): Launch(32, 64, 8, 2), ("bwd_dv", "sm80", 128): Launch(32, 64, 8, 2),
     ("bwd_dq", "sm90", 64): Launch(64, 64, 4, 2), ("bwd_dq", "sm90", 128): Launch(64, 32, 4, 2),
-    ("bwd_dq", "sm80", 64): Launch(64, 64, 4, 2), ("bwd_dq", "sm80", 128): Launch(64, 32, 4, 2),
-    ("bwd_dq", "sm86", 64): Launch(64, 64, 4, 2), ("bwd_dq", "sm86", 128): Launch(64, 32, 4, 1),
+    ("bwd_dq", "sm80", 64): Launch(64, 32, 4, 2), ("bwd_dq", "sm80", 128): Launch(64, 64, 8, 2),
     ("decode", "sm90", 64): Launch(16, 64, 4, 2), ("decode", "sm90", 128): Launch(16, 32, 4, 2),
     ("decode", "sm80", 64): Launch(16, 64, 4, 2), ("decode", "sm80", 128): Launch(16, 32, 4, 2),
-    ("decode", "sm86", 64): Launch(16, 64, 4, 2), ("decode", "sm86", 128): Launch(16, 32, 4, 2),
 }
 _INTERPRETER_LAUNCH = Launch(16, 16, 4, 1)
 
@@ -583,11 +621,16 @@ def _backward(dout, q1, q2, k1, k2, v, lam, out, o2, lse, causal: bool, scale: f
     prec, upcast = _dot_args(q1.dtype)
     common = (q1.stride(0), q1.stride(1), q1.stride(2), k1.stride(0), k1.stride(1), k1.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    cfg = launch_config("bwd_dkdv", cc, bd)
-    _bwd_dkdv_kernel[(triton.cdiv(s, cfg.block_n), bsz * hkv)](
-        q1, q2, k1, k2, v, lam, dout, lse, delta, dk1, dk2, dv, *common,
-        dk1.stride(0), dk1.stride(1), dk1.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+    cfg = launch_config("bwd_dk", cc, bd)
+    _bwd_dk_kernel[(2 * triton.cdiv(s, cfg.block_n), bsz * hkv)](
+        q1, q2, k1, k2, v, lam, dout, lse, delta, dk1, dk2, *common, dk1.stride(0), dk1.stride(1), dk1.stride(2),
         h, hkv, h // hkv, t, s, scale * LOG2E, scale,
+        D=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, PREC=prec, UPCAST=upcast,
+        **_opts(cfg))
+    cfg = launch_config("bwd_dv", cc, bd)
+    _bwd_dv_kernel[(triton.cdiv(s, cfg.block_n), bsz * hkv)](
+        q1, q2, k1, k2, lam, dout, lse, dv, *common[:6], *common[9:], dv.stride(0), dv.stride(1), dv.stride(2),
+        h, hkv, h // hkv, t, s, scale * LOG2E,
         D=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, PREC=prec, UPCAST=upcast,
         **_opts(cfg))
     cfg = launch_config("bwd_dq", cc, bd)  # causal needs BLOCK_M % BLOCK_N == 0
@@ -750,14 +793,14 @@ def _kernel_args(name: str, cc: int, d: int, dtype: str, causal: bool, launch: L
     common = dict(D=d, BLOCK_D=bd, PREC=prec, UPCAST=False)
     if name == "fwd":
         return _fwd_kernel, dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, SAVE=True), cfg
-    if name in ("bwd_dkdv", "bwd_dq"):
-        fn = _bwd_dkdv_kernel if name == "bwd_dkdv" else _bwd_dq_kernel
+    if name in ("bwd_dk", "bwd_dv", "bwd_dq"):
+        fn = {"bwd_dk": _bwd_dk_kernel, "bwd_dv": _bwd_dv_kernel, "bwd_dq": _bwd_dq_kernel}[name]
         return fn, dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal), cfg
     if name == "decode":
         return _decode_kernel, dict(common, BLOCK_R=16, BLOCK_N=cfg.block_n), cfg
     if name == "decode_merge":
         return _decode_merge_kernel, dict(D=d, BLOCK_D=bd, BLOCK_R=16), cfg._replace(num_stages=1)
-    raise ValueError(f"unknown kernel {name!r}; valid: {', '.join(KERNEL_NAMES + ('combine',))}")
+    raise ValueError(f"unknown kernel {name!r}; valid: {', '.join(KERNEL_NAMES)}")
 
 
 def compile_plan(name: str, cc: int, d: int, dtype: str, *, causal: bool = True, launch: Launch | None = None,
