@@ -268,10 +268,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        raise UsageError("diffattn bench compile needs the triton package (pip install 'diffattn[triton]')") from None
     for a in args.arch:
         if not re.fullmatch(r"sm_\d{2,3}", a):
             raise UsageError(f"--arch {a!r}: expected a target like sm_90")
@@ -279,6 +275,10 @@ def main(args) -> int:
         raise UsageError(f"--head-dim {args.head_dim}: each must be even, 2..256")
     if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: must be >= 1")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise UsageError("diffattn bench compile needs the triton package (pip install 'diffattn[triton]')") from None
     cache = None if args.no_cache else (args.cache_dir or cache_dir())
 
     def progress(i, n, row):

@@ -779,6 +779,12 @@ def differential(q1, q2, k1, k2, v, lam, *, mask=None, is_causal=True, scale: fl
 
 
 # ---------------------------------------------------------------------------------------------- compile plans
+def jit_kernels() -> dict:
+    """The Triton kernels by the names ``diffattn bench compile`` uses."""
+    return {"fwd": _fwd_kernel, "bwd_dk": _bwd_dk_kernel, "bwd_dv": _bwd_dv_kernel, "bwd_dq": _bwd_dq_kernel,
+            "decode": _decode_kernel, "decode_merge": _decode_merge_kernel, "combine": _combine_kernel}
+
+
 _SCALARS_FP = ("qk_scale", "sm_scale")
 _FP32_POINTERS = {"LAM", "LSE", "DELTA", "PACC", "PML"}
 
@@ -794,8 +800,7 @@ def _kernel_args(name: str, cc: int, d: int, dtype: str, causal: bool, launch: L
     if name == "fwd":
         return _fwd_kernel, dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, SAVE=True), cfg
     if name in ("bwd_dk", "bwd_dv", "bwd_dq"):
-        fn = {"bwd_dk": _bwd_dk_kernel, "bwd_dv": _bwd_dv_kernel, "bwd_dq": _bwd_dq_kernel}[name]
-        return fn, dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal), cfg
+        return jit_kernels()[name], dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal), cfg
     if name == "decode":
         return _decode_kernel, dict(common, BLOCK_R=16, BLOCK_N=cfg.block_n), cfg
     if name == "decode_merge":
@@ -849,4 +854,4 @@ def _check(q1, q2, k1, k2, v, lam):
 
 
 __all__ = ["AVAILABLE", "INTERPRET", "KERNEL_NAMES", "Launch", "SMEM_LIMIT", "TARGETS", "compile_plan", "decode",
-           "differential", "launch_config", "route_reason", "unavailable_reason"]
+           "differential", "jit_kernels", "launch_config", "route_reason", "unavailable_reason"]
