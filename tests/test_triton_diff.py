@@ -342,3 +342,22 @@ def test_launch_table_covers_every_kernel_and_target():
                 cfg = triton_diff._table_config(kernel, cc, triton_diff._block_d(d))
                 if kernel == "fwd":
                     assert cfg.block_m % cfg.block_n == 0  # the causal stages need it
+
+
+def test_torch_compile_runs_the_kernel_launches_as_they_are():
+    """torch.compile around a model with kernel='triton': dynamo does not trace into the fused entry (a graph break),
+    so inductor never re-compiles the kernels with its own scalar types and the fallback stays in force; the
+    compiled model equals eager, forward and backward."""
+    torch.manual_seed(0)
+    cfg = tiny_config(kernel="eager")
+    eager = build_model(cfg).to(DEVICE)
+    fused = build_model(cfg.replace(kernel="triton")).to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), device=DEVICE)
+    out = torch.compile(fused, backend="eager")(ids)
+    ref = eager(ids)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pf.grad, pe.grad, rtol=1e-3, atol=1e-5, msg=name)

@@ -237,6 +237,33 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def compact_table(result: dict, dtype: str = "bf16") -> str:
+    """One line per (kernel, target), one column per head dim: "regs / spill B / shared KB / MMA" (docs)."""
+    rows = [r for r in result["rows"] if r["dtype"] == dtype and not r.get("routed_to")]
+    heads = sorted({r["head_dim"] for r in rows if r["head_dim"] is not None})
+    lines = ["| kernel | arch | " + " | ".join(f"d = {d}" for d in heads) + " |", "|---|---|" + "---|" * len(heads)]
+    seen = []
+    for r in rows:
+        if (r["kernel"], r["arch"]) not in seen:
+            seen.append((r["kernel"], r["arch"]))
+    for kernel, arch in seen:
+        cells = []
+        for d in heads:
+            r = next((x for x in rows if (x["kernel"], x["arch"], x["head_dim"]) == (kernel, arch, d)), None)
+            if kernel == "combine":
+                r = next((x for x in rows if (x["kernel"], x["arch"]) == (kernel, arch)), None)
+            if r is None:
+                cells.append("")
+            elif r.get("error"):
+                cells.append("error: " + r["error"][:40])
+            else:
+                spill = f"**{r['spill_bytes']} B spill**" if r.get("spill_bytes") else "0 spill"
+                smem = f"{r['smem_bytes'] / 1024:.0f} KB" + ("" if r["fits"] else " **(over)**")
+                cells.append(f"{r.get('regs')} regs, {spill}, {smem}, {r.get('tensor_cores') or '–'}")
+        lines.append(f"| {kernel} | {arch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summary(result: dict) -> str:
     rows = [r for r in result["rows"] if not r.get("routed_to")]
     bad = [r for r in rows if not r["ok"]]
@@ -263,6 +290,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="compile everything again")
     p.add_argument("--strict", action="store_true", help="exit 1 when a bf16/fp16 row at d <= 128 on sm_80/sm_90 "
                                                          "does not pass")
+    p.add_argument("--compact", action="store_true", help="print one line per kernel and target (bf16) instead of "
+                                                          "one per row")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=main)
 
@@ -291,7 +320,7 @@ def main(args) -> int:
                             cache=cache, n_jobs=args.jobs, progress=progress)
     result["command"] = "diffattn bench compile " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "compile"] \
         else "diffattn bench compile"
-    print(table(result))
+    print(compact_table(result) if args.compact else table(result))
     print(summary(result))
     if args.json:
         from ..fsutil import write_text_atomic

@@ -508,37 +508,52 @@ class Launch(NamedTuple):
 
 
 def _arch_group(cc: int) -> str:
-    """Targets that share a launch configuration: Hopper and later (wgmma, ~227 KB shared memory), and
-    Ampere/Ada (mma.sync; the sm_80 rows also fit sm_86/89's 99 KB)."""
-    return "sm90" if cc >= 90 and cc != 120 else "sm80"
+    """The configuration class of a target: sm100 (Blackwell datacenter: tcgen05), sm90 (Hopper: wgmma, 227 KB
+    shared memory), sm86 (consumer Ampere/Ada and sm_120: 99 KB) and sm80 (A100 class: 163 KB)."""
+    if cc >= 100 and cc != 120:
+        return "sm100"
+    if cc == 90:
+        return "sm90"
+    return "sm86" if SMEM_LIMIT.get(cc, 101376) <= 101376 else "sm80"
 
 
-# (kernel, arch group, BLOCK_D) -> Launch, for bf16/fp16. Chosen from compiled candidates (`diffattn bench
-# compile --candidates`): each passes with no spill, within the target's shared memory and with tensor-core
-# MMA (wgmma on sm_90) under triton 3.6 and 3.9; docs/benchmarks.md has the table.
+_FALLBACK_GROUP = {"sm100": "sm90", "sm86": "sm80"}  # a class without its own row uses this class's
+
+# (kernel, target class, BLOCK_D) -> Launch, for bf16/fp16. Chosen from compiled candidates
+# (benchmarks/compile_candidates.py, `diffattn bench compile`): every row compiles with 0 bytes spilled, within
+# the target's shared memory and with tensor-core MMA (wgmma on sm_90) under triton 3.6 and 3.9; docs/benchmarks.md
+# has the table. Head dims up to 64 use the 64 rows, larger ones the 128 rows.
 _LAUNCH = {
     ("fwd", "sm90", 64): Launch(128, 64, 8, 3), ("fwd", "sm90", 128): Launch(128, 64, 8, 2),
     ("fwd", "sm80", 64): Launch(64, 64, 8, 2), ("fwd", "sm80", 128): Launch(64, 64, 8, 2),
     ("bwd_dk", "sm90", 64): Launch(32, 64, 8, 2), ("bwd_dk", "sm90", 128): Launch(32, 64, 8, 2),
     ("bwd_dk", "sm80", 64): Launch(32, 32, 4, 2), ("bwd_dk", "sm80", 128): Launch(32, 64, 8, 2),
+    ("bwd_dk", "sm100", 64): Launch(32, 64, 4, 2), ("bwd_dk", "sm100", 128): Launch(32, 32, 4, 2),
     ("bwd_dv", "sm90", 64): Launch(32, 64, 8, 2), ("bwd_dv", "sm90", 128): Launch(32, 64, 8, 2),
     ("bwd_dv", "sm80", 64): Launch(32, 64, 8, 2), ("bwd_dv", "sm80", 128): Launch(32, 64, 8, 2),
+    ("bwd_dv", "sm100", 64): Launch(32, 64, 4, 2), ("bwd_dv", "sm100", 128): Launch(32, 32, 4, 2),
     ("bwd_dq", "sm90", 64): Launch(64, 64, 4, 2), ("bwd_dq", "sm90", 128): Launch(64, 32, 4, 2),
     ("bwd_dq", "sm80", 64): Launch(64, 32, 4, 2), ("bwd_dq", "sm80", 128): Launch(64, 64, 8, 2),
+    ("bwd_dq", "sm86", 128): Launch(64, 64, 8, 1),
     ("decode", "sm90", 64): Launch(16, 64, 4, 2), ("decode", "sm90", 128): Launch(16, 32, 4, 2),
     ("decode", "sm80", 64): Launch(16, 64, 4, 2), ("decode", "sm80", 128): Launch(16, 32, 4, 2),
+    ("decode_merge", "sm90", 64): Launch(16, 64, 4, 1), ("decode_merge", "sm90", 128): Launch(16, 32, 4, 1),
+    ("decode_merge", "sm80", 64): Launch(16, 64, 4, 1), ("decode_merge", "sm80", 128): Launch(16, 32, 4, 1),
+    ("decode_merge", "sm100", 128): Launch(16, 32, 8, 1),
 }
 _INTERPRETER_LAUNCH = Launch(16, 16, 4, 1)
 
 
 def _table_config(kernel: str, cc: int, block_d: int) -> Launch:
-    kernel = "decode" if kernel == "decode_merge" else kernel
-    return _LAUNCH[(kernel, _arch_group(cc), 64 if block_d <= 64 else 128)]
+    group, width = _arch_group(cc), 64 if block_d <= 64 else 128
+    while (kernel, group, width) not in _LAUNCH:
+        group = _FALLBACK_GROUP[group]
+    return _LAUNCH[(kernel, group, width)]
 
 
 def launch_config(kernel: str, cc: int, block_d: int) -> Launch:
     """The shipped launch configuration of ``kernel`` on compute capability ``cc`` at tile width ``block_d``
-    (head dims up to 64 use the 64 row, larger ones the 128 row; decode-merge reuses decode's)."""
+    (head dims up to 64 use the 64 row, larger ones the 128 row)."""
     return _INTERPRETER_LAUNCH if INTERPRET else _table_config(kernel, cc, block_d)
 
 
@@ -701,7 +716,8 @@ def decode(q1, q2, k1, k2, v, lam, *, scale: float, n_split: int | None = None) 
         D=d, BLOCK_D=bd, BLOCK_R=block_r, BLOCK_N=bn, PREC=prec, UPCAST=upcast, **_opts(cfg))
     out = torch.empty(bsz, h, 1, 2 * d, device=q1.device, dtype=q1.dtype)
     _decode_merge_kernel[(bsz * hkv,)](pacc, pml, lam, out, out.stride(1), n_rep, n_split,
-                                       D=d, BLOCK_D=bd, BLOCK_R=block_r, **_opts(cfg._replace(num_stages=1)))
+                                       D=d, BLOCK_D=bd, BLOCK_R=block_r,
+                                       **_opts(launch_config("decode_merge", _cc(q1), bd)))
     return out
 
 
@@ -804,7 +820,7 @@ def _kernel_args(name: str, cc: int, d: int, dtype: str, causal: bool, launch: L
     if name == "decode":
         return _decode_kernel, dict(common, BLOCK_R=16, BLOCK_N=cfg.block_n), cfg
     if name == "decode_merge":
-        return _decode_merge_kernel, dict(D=d, BLOCK_D=bd, BLOCK_R=16), cfg._replace(num_stages=1)
+        return _decode_merge_kernel, dict(D=d, BLOCK_D=bd, BLOCK_R=16), cfg
     raise ValueError(f"unknown kernel {name!r}; valid: {', '.join(KERNEL_NAMES)}")
 
 
