@@ -526,6 +526,7 @@ _FALLBACK_GROUP = {"sm100": "sm90", "sm86": "sm80"}  # a class without its own r
 _LAUNCH = {
     ("fwd", "sm90", 64): Launch(128, 64, 8, 3), ("fwd", "sm90", 128): Launch(128, 64, 8, 2),
     ("fwd", "sm80", 64): Launch(64, 64, 8, 2), ("fwd", "sm80", 128): Launch(64, 64, 8, 2),
+    ("fwd", "sm100", 128): Launch(128, 32, 8, 2),
     ("bwd_dk", "sm90", 64): Launch(32, 64, 8, 2), ("bwd_dk", "sm90", 128): Launch(32, 64, 8, 2),
     ("bwd_dk", "sm80", 64): Launch(32, 32, 4, 2), ("bwd_dk", "sm80", 128): Launch(32, 64, 8, 2),
     ("bwd_dk", "sm100", 64): Launch(32, 64, 4, 2), ("bwd_dk", "sm100", 128): Launch(32, 32, 4, 2),
