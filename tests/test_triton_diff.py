@@ -110,14 +110,20 @@ def tiny_config(attention="diff_v1", **kw):
     return ModelConfig(**base)
 
 
-@pytest.mark.parametrize("attention", ["diff_v1", "shared_diff"])
-def test_model_triton_equals_eager_forward_and_grads(attention):
-    extra = dict(shared_init="random") if attention == "shared_diff" else {}
-    torch.manual_seed(0)
-    cfg = tiny_config(attention, kernel="eager", **extra)
+def twins(cfg, seed):
+    """(the model with kernel='eager', the same weights with kernel='triton')."""
+    torch.manual_seed(seed)
     eager = build_model(cfg).to(DEVICE)
     fused = build_model(cfg.replace(kernel="triton")).to(DEVICE)
     fused.load_state_dict(eager.state_dict())
+    return eager, fused
+
+
+@pytest.mark.parametrize("attention", ["diff_v1", "shared_diff"])
+def test_model_triton_equals_eager_forward_and_grads(attention):
+    extra = dict(shared_init="random") if attention == "shared_diff" else {}
+    cfg = tiny_config(attention, kernel="eager", **extra)
+    eager, fused = twins(cfg, 0)
     ids = torch.randint(0, cfg.vocab_size, (2, 23), device=DEVICE)
     out_e, out_f = eager(ids), fused(ids)
     torch.testing.assert_close(out_f, out_e, rtol=1e-4, atol=1e-5)
@@ -130,11 +136,9 @@ def test_model_triton_equals_eager_forward_and_grads(attention):
 
 def test_model_generate_with_cache_equals_eager():
     """Prefill (fused causal) then decode steps (split-key decode kernels) equal the eager model."""
-    torch.manual_seed(1)
     cfg = tiny_config(kernel="eager")
-    eager = build_model(cfg).to(DEVICE).eval()
-    fused = build_model(cfg.replace(kernel="triton")).to(DEVICE).eval()
-    fused.load_state_dict(eager.state_dict())
+    eager, fused = twins(cfg, 1)
+    eager, fused = eager.eval(), fused.eval()
     prompt = torch.randint(0, cfg.vocab_size, (2, 9), device=DEVICE)
     with torch.no_grad():
         cached = fused.generate(prompt, max_new_tokens=6)
@@ -155,11 +159,8 @@ def test_explicit_mask_falls_back_to_generic_path(monkeypatch):
         return out
 
     monkeypatch.setattr(kernels, "triton_differential", spy)
-    torch.manual_seed(2)
     cfg = tiny_config(kernel="eager")
-    eager = build_model(cfg).to(DEVICE)
-    fused = build_model(cfg.replace(kernel="triton")).to(DEVICE)
-    fused.load_state_dict(eager.state_dict())
+    eager, fused = twins(cfg, 2)
     ids = torch.randint(0, cfg.vocab_size, (2, 8), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -306,11 +307,8 @@ def test_backward_that_cannot_compile_recomputes_its_gradients_through_sdpa(monk
 
 def test_model_with_an_unlaunchable_kernel_still_trains_and_equals_eager(monkeypatch):
     monkeypatch.setattr(triton_diff, "_fwd_kernel", _Unlaunchable(_out_of_resources()))
-    torch.manual_seed(0)
     cfg = tiny_config(kernel="eager")
-    eager = build_model(cfg).to(DEVICE)
-    fused = build_model(cfg.replace(kernel="triton")).to(DEVICE)
-    fused.load_state_dict(eager.state_dict())
+    eager, fused = twins(cfg, 0)
     ids = torch.randint(0, cfg.vocab_size, (2, 10), device=DEVICE)
     out = fused(ids)
     torch.testing.assert_close(out, eager(ids), rtol=1e-4, atol=1e-5)
@@ -348,11 +346,8 @@ def test_torch_compile_runs_the_kernel_launches_as_they_are():
     """torch.compile around a model with kernel='triton': dynamo does not trace into the fused entry (a graph break),
     so inductor never re-compiles the kernels with its own scalar types and the fallback stays in force; the
     compiled model equals eager, forward and backward."""
-    torch.manual_seed(0)
     cfg = tiny_config(kernel="eager")
-    eager = build_model(cfg).to(DEVICE)
-    fused = build_model(cfg.replace(kernel="triton")).to(DEVICE)
-    fused.load_state_dict(eager.state_dict())
+    eager, fused = twins(cfg, 0)
     ids = torch.randint(0, cfg.vocab_size, (2, 12), device=DEVICE)
     out = torch.compile(fused, backend="eager")(ids)
     ref = eager(ids)

@@ -151,6 +151,23 @@ if triton is not None:
         return offs_e, ch_e, ok_e
 
     @triton.jit
+    def _map_program(N_HEADS):
+        """(map c, tile index, batch, head) of a program on a grid of (2·tiles, B·N_HEADS): the map is the fastest
+        index, so both maps of a tile run side by side."""
+        pid = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        return pid % 2, pid // 2, pid_bh // N_HEADS, pid_bh % N_HEADS
+
+    @triton.jit
+    def _pick(c, first, second):
+        """``first`` for map 0, ``second`` for map 1 (a pointer or a value chosen by the program's map index)."""
+        if c == 0:
+            chosen = first
+        else:
+            chosen = second
+        return chosen
+
+    @triton.jit
     def _fwd_tile(acc, m, l, q, Kc, V, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, offs_d, ch_e, ok_e,
                   S, qk_scale, D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                   BOUND_MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -183,21 +200,11 @@ if triton is not None:
         """O_c = softmax(Q_c K_cᵀ·s)·V for one map c and one query tile; c is the fastest grid index, so the two
         maps of a tile run side by side and share the K/V tiles through L2."""
         qk_scale = tl.cast(qk_scale, tl.float32)  # a caller may pass fp64 (torch.compile's inductor does)
-        pid = tl.program_id(0)
-        c = pid % 2
-        pid_m = tl.cdiv(T, BLOCK_M) - 1 - pid // 2  # the longest (causal) query tiles first
+        c, tile, b, h = _map_program(H)
+        pid_m = tl.cdiv(T, BLOCK_M) - 1 - tile  # the longest (causal) query tiles first
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
         hk = h // N_REP  # GQA: the K/V head of this query head
-        if c == 0:
-            Qc = Q1
-            Kc = K1
-            Oc = O1
-        else:
-            Qc = Q2
-            Kc = K2
-            Oc = O2
+        Qc, Kc, Oc = _pick(c, Q1, Q2), _pick(c, K1, K2), _pick(c, O1, O2)
         start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -252,20 +259,8 @@ if triton is not None:
         as its M side; loops over the n_rep query heads of its GQA group (no atomics)."""
         qk_scale = tl.cast(qk_scale, tl.float32)
         sm_scale = tl.cast(sm_scale, tl.float32)
-        pid = tl.program_id(0)
-        c = pid % 2
-        pid_n = pid // 2
-        pid_bk = tl.program_id(1)
-        b = pid_bk // HKV
-        hk = pid_bk % HKV
-        if c == 0:
-            Qc = Q1
-            Kc = K1
-            DKc = DK1
-        else:
-            Qc = Q2
-            Kc = K2
-            DKc = DK2
+        c, pid_n, b, hk = _map_program(HKV)
+        Qc, Kc, DKc = _pick(c, Q1, Q2), _pick(c, K1, K2), _pick(c, DK1, DK2)
         lam = tl.load(LAM)
         coef = 1.0 - (c * 1.0) * (1.0 + lam)  # 1 for map 1, −λ for map 2
         start_n = pid_n * BLOCK_N
@@ -364,21 +359,11 @@ if triton is not None:
         """dQ_c of one query tile for one map c (the fastest grid index)."""
         qk_scale = tl.cast(qk_scale, tl.float32)
         sm_scale = tl.cast(sm_scale, tl.float32)
-        pid = tl.program_id(0)
-        c = pid % 2
-        pid_m = tl.cdiv(T, BLOCK_M) - 1 - pid // 2
+        c, tile, b, h = _map_program(H)
+        pid_m = tl.cdiv(T, BLOCK_M) - 1 - tile
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
         hk = h // N_REP
-        if c == 0:
-            Qc = Q1
-            Kc = K1
-            DQc = DQ1
-        else:
-            Qc = Q2
-            Kc = K2
-            DQc = DQ2
+        Qc, Kc, DQc = _pick(c, Q1, Q2), _pick(c, K1, K2), _pick(c, DQ1, DQ2)
         lam = tl.load(LAM)
         coef = 1.0 - (c * 1.0) * (1.0 + lam)
         start_m = pid_m * BLOCK_M
@@ -427,18 +412,9 @@ if triton is not None:
         folds keys [split·CHUNK, (split+1)·CHUNK) of map c into unnormalised partial results. The cache
         length S and the split sizes are not specialised on, so a growing cache never recompiles."""
         qk_scale = tl.cast(qk_scale, tl.float32)
-        pid = tl.program_id(0)
-        c = pid % 2
-        split = pid // 2
+        c, split, b, hk = _map_program(HKV)
         pid_bk = tl.program_id(1)
-        b = pid_bk // HKV
-        hk = pid_bk % HKV
-        if c == 0:
-            Qc = Q1
-            Kc = K1
-        else:
-            Qc = Q2
-            Kc = K2
+        Qc, Kc = _pick(c, Q1, Q2), _pick(c, K1, K2)
         offs_r = tl.arange(0, BLOCK_R)
         offs_d = tl.arange(0, BLOCK_D)
         offs_e, ch_e, ok_e = _value_channels(D, BLOCK_D)
