@@ -15,11 +15,12 @@ computed once per map and the T×T maps are never stored.
   hundreds of bytes per thread on sm_80/sm_90 and could not launch in fp32 on sm_80/86/89. A small
   elementwise kernel then forms out = O1 − λ·O2 in place (fp32 arithmetic). Saved for backward: out,
   O2 and both row log-sum-exps; O1 is recovered as out + λ·O2.
-* Backward recomputes the maps tile by tile (never T×T). dK/dV kernel: grid over key tiles and K/V
-  heads; one pass over the query tiles per map (one dK accumulator live at a time) while dV
-  accumulates coef_c·P_cᵀ·dO across both passes (coef = 1, −λ); it loops over the n_rep query heads
-  of its GQA group, so no atomics. dQ kernel: one program per (map, query tile). With
-  r_c = rowsum(dO ⊙ O_c):  δ1 = r1,  δ2 = −λ·r2,  dλ = −Σ r2, and dS_c = P_c ⊙ (coef_c·dO·Vᵀ − δ_c).
+* Backward recomputes the maps tile by tile (never T×T), in three kernels with one accumulator each: dK
+  (one program per map and key tile), dV (per key tile: Σ (P1 − λ·P2)ᵀ·dO, both maps recomputed side by
+  side) and dQ (one program per map and query tile). The dK and dV kernels loop over the n_rep query heads
+  of their GQA group, so no atomics. With r_c = rowsum(dO ⊙ O_c):  δ1 = r1,  δ2 = −λ·r2,  dλ = −Σ r2,
+  and dS_c = P_c ⊙ (coef_c·dO·Vᵀ − δ_c) with coef = 1, −λ. (One program holding dK1, dK2 and dV spilled on
+  every target; this costs a recomputation of dO·Vᵀ per map and kernel instead.)
 * Decode (one new query row against the KV cache, no autograd): the n_rep query heads that share a
   K/V head are packed as the rows of one tile, the keys are split across programs (flash-decoding, one
   program per map and split) and a second kernel merges the splits' (max, sum, accumulator) triples and
