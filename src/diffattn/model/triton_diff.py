@@ -806,9 +806,10 @@ def compile_plan(name: str, cc: int, d: int, dtype: str, *, causal: bool = True,
                  scalar_fp: str = "fp32", scalar_int: str = "i32") -> dict:
     """What ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target, options)`` needs to build
     ``name`` for sm_<cc> exactly as :func:`differential` launches it on such a GPU: the shipped launch
-    configuration (or ``launch``), pointers of ``dtype`` (fp32 for statistics), every pointer and stride
-    16-byte aligned as for contiguous tensors with d % 8 == 0. ``scalar_fp``/``scalar_int`` type the scalar
-    arguments (torch.compile's inductor passes fp64 floats)."""
+    configuration (or ``launch``), pointers of ``dtype`` (fp32 for statistics), every pointer 16-byte aligned and
+    every stride a multiple of 16 (contiguous tensors with d % 16 == 0), causal, the training forward
+    (``SAVE``). ``scalar_fp``/``scalar_int`` type the scalar arguments (torch.compile's inductor passes fp64
+    floats)."""
     fn, constexprs, cfg = _kernel_args(name, cc, d, dtype, causal, launch)
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
