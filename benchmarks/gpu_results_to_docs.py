@@ -79,7 +79,8 @@ def correctness_section(c: dict) -> str:
     if c.get("kernels"):
         out += ["", "Kernels loaded on the device by these checks (the driver's registers and spills; compare "
                 "`diffattn bench compile`):", "",
-                "| kernel | arch | warps/stages | regs | spills | shared memory B | MMA |", "|---|---|---|---|---|---|---|"]
+                "| kernel | arch | warps/stages | regs | spills | shared memory B | MMA |",
+                "|---|---|---|---|---|---|---|"]
         for k in c["kernels"]:
             if k.get("error"):
                 out.append(f"| {k['kernel']} | — | — | — | — | — | {k['error']} |")

@@ -135,3 +135,29 @@ def test_cache_length_and_sequence_length_do_not_recompile():
     assert {"S", "CHUNK", "N_SPLIT"} <= set(fixed["decode"]) and "N_SPLIT" in fixed["decode_merge"]
     for name in ("fwd", "bwd_dk", "bwd_dv", "bwd_dq"):
         assert {"T", "S"} <= set(fixed[name]), name
+
+
+def test_gpu_check_records_the_loaded_kernels(monkeypatch):
+    """Section 2 of the GPU check reads registers/spills of every kernel the JIT loaded (triton keeps them per
+    device); here the JIT cache is a stand-in with one compiled kernel, as triton 3.6/3.9 lay it out."""
+    from types import SimpleNamespace
+
+    from diffattn.bench import gpu_correctness
+    from diffattn.model import triton_diff
+
+    class Loaded:
+        n_regs, n_spills = 168, 0
+        metadata = SimpleNamespace(target=SimpleNamespace(arch=90), shared=90112, num_warps=8, num_stages=3)
+        asm = {"ptx": "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"}
+        src = SimpleNamespace(constants={(33,): 128})
+
+        def _init_handles(self):
+            pass
+
+    fake = SimpleNamespace(device_caches={0: ({"key": Loaded()}, None, None, None)})
+    monkeypatch.setattr(triton_diff, "INTERPRET", False)
+    monkeypatch.setattr(triton_diff, "jit_kernels", lambda: {"fwd": fake})
+    rows = gpu_correctness.loaded_kernels("cuda")
+    assert rows == [{"kernel": "fwd", "arch": "sm_90", "regs": 168, "spills": 0, "smem_bytes": 90112, "num_warps": 8,
+                     "num_stages": 3, "tensor_cores": "wgmma", "constants": {"(33,)": "128"}}]
+    assert gpu_correctness.loaded_kernels("cpu") == []

@@ -36,11 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         k.set_defaults(func=_runner(cls, module.run))
     from . import compile as compile_check
 
-    k = kinds.add_parser("compile", help="every Triton kernel compiled for sm_80/86/89/90/100 on this CPU: registers, "
-                                         "spills, shared memory, tensor cores", description=compile_check.__doc__.split("\n\n")[0])
+    k = kinds.add_parser("compile", help="every Triton kernel compiled for sm_80/86/89/90/100 on this CPU: "
+                                         "registers, spills, shared memory, tensor cores",
+                         description=compile_check.__doc__.split("\n\n")[0])
     compile_check.add_arguments(k)
     p.set_defaults(func=_no_kind)
 
 
 def _no_kind(args) -> int:
-    raise common.UsageError("choose what to benchmark: attention, train, generate or compile (see diffattn bench --help)")
+    raise common.UsageError("choose what to benchmark: attention, train, generate or compile "
+                            "(see diffattn bench --help)")

@@ -197,7 +197,8 @@ def loaded_kernels(device: str) -> list[dict]:
                     cst = getattr(getattr(k, "src", None), "constants", {}) or {}
                     rows.append({"kernel": name, "arch": f"sm_{meta.target.arch}", "regs": k.n_regs,
                                  "spills": k.n_spills, "smem_bytes": int(meta.shared), "num_warps": meta.num_warps,
-                                 "num_stages": meta.num_stages, "tensor_cores": tensor_core_family(k.asm.get("ptx", "")),
+                                 "num_stages": meta.num_stages,
+                                 "tensor_cores": tensor_core_family(k.asm.get("ptx", "")),
                                  "constants": {str(key): str(v) for key, v in dict(cst).items()}})
                 except Exception as e:  # noqa: BLE001 - a kernel we cannot inspect is recorded, not fatal
                     rows.append({"kernel": name, "error": f"{type(e).__name__}: {e}"[:200]})
