@@ -72,8 +72,21 @@ def correctness_section(c: dict) -> str:
         extra = ""
         if "greedy_tokens_equal" in r:
             extra = "; greedy tokens " + ("equal" if r["greedy_tokens_equal"] else "DIFFER")
+        if r.get("path", "triton") != "triton":
+            extra += f"; served by {r['path']}"
         out.append(f"| {r['check']} | {shape} | {r.get('dtype', 'fp32')} | {r.get('causal', '—')} | {err}{extra} | "
                    f"{r.get('tol', '—')} | {'pass' if r['passed'] else '**FAIL**'} |")
+    if c.get("kernels"):
+        out += ["", "Kernels loaded on the device by these checks (the driver's registers and spills; compare "
+                "`diffattn bench compile`):", "",
+                "| kernel | arch | warps/stages | regs | spills | shared memory B | MMA |",
+                "|---|---|---|---|---|---|---|"]
+        for k in c["kernels"]:
+            if k.get("error"):
+                out.append(f"| {k['kernel']} | — | — | — | — | — | {k['error']} |")
+                continue
+            out.append(f"| {k['kernel']} | {k['arch']} | {k['num_warps']}/{k['num_stages']} | {k['regs']} | "
+                       f"{k['spills']} | {k['smem_bytes']} | {k.get('tensor_cores') or '—'} |")
     return "\n".join(out)
 
 

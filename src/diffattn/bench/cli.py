@@ -1,4 +1,4 @@
-"""``diffattn bench attention|train|generate``: speed and memory of every variant vs the baseline.
+"""``diffattn bench attention|train|generate|compile``: speed and memory of every variant vs the baseline.
 
 Every run compares, in one process and on the same shapes, the standard Transformer (the baseline,
 ratio 1.00), the chosen variants, DIFF V1 with the authors' split-value core and transformers'
@@ -34,8 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         k = kinds.add_parser(name, help=help_, description=cls.__doc__)
         add_options_to_parser(k, cls, skip=())  # one flag per field (bench/options.py)
         k.set_defaults(func=_runner(cls, module.run))
+    from . import compile as compile_check
+
+    k = kinds.add_parser("compile", help="every Triton kernel compiled for sm_80/86/89/90/100 on this CPU: "
+                                         "registers, spills, shared memory, tensor cores",
+                         description=compile_check.__doc__.split("\n\n")[0])
+    compile_check.add_arguments(k)
     p.set_defaults(func=_no_kind)
 
 
 def _no_kind(args) -> int:
-    raise common.UsageError("choose what to benchmark: attention, train or generate (see diffattn bench --help)")
+    raise common.UsageError("choose what to benchmark: attention, train, generate or compile "
+                            "(see diffattn bench --help)")

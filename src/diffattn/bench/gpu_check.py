@@ -9,9 +9,11 @@ finishes, and ``summary.json`` is rewritten after every section, so whatever ran
 machine goes away. At most 8 flat files:
 
 1. ``1_env.json``          GPU, driver, CUDA, torch, triton, transformers (checked before anything runs)
-2. ``2_correctness.json``  fused DIFF V1 kernel vs reference: fp32/bf16, fwd/bwd, causal/not, GQA, T ≤ 8K,
-                           head_dim 64/128; decode vs the full forward's last row; tiny V1 / Shared DIFF
-                           models with kernel="triton" vs "eager" (logits, gradients, greedy tokens)
+2. ``2_correctness.json``  fused DIFF V1 kernel vs reference: bf16 first, then fp32 (routed to sdpa), fwd/bwd,
+                           causal/not, GQA, T ≤ 8K, head_dim 64/128; decode vs the full forward's last row; tiny
+                           V1 / Shared DIFF models with kernel="triton" vs "eager" (logits, gradients, greedy
+                           tokens); and the registers, spills and shared memory of every kernel it loaded on the
+                           device (the table `diffattn bench compile` predicts on a CPU)
 3. ``3_attention.json``    ``diffattn bench attention`` bf16, T = 2K/4K/8K, fwd and fwd+bwd: fused V1 core vs
                            flash SDPA of the matched baseline, the authors' split-value core, DiffLlama
 4. ``4_train.json``        ``diffattn bench train`` at the gpu-medium shapes (~125M), bf16, every variant:
@@ -109,7 +111,7 @@ def plan(dry: bool, out: Path, compare_data: str | None, scratch: Path | None = 
                "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--set", "study.bench_repeats=3",
                "--set", 'study.tasks=["ppl","outliers","lambda"]', "--set", "needle_mix.share=0",
                "--variants", "standard,diff_v1,diff_v2"]
-        caps = dict(env=30, correctness=150, attention=90, train=150, decode=60, compare=240, dex=570)
+        caps = dict(env=30, correctness=150, attention=90, train=150, decode=90, compare=240, dex=570)
         dex = [_py("-m", "diffattn.dex.study", "--out", x("dex"), "--base", dex_base, "--preset", "gpu", "--seeds", "1",
                    "--arms", *DEX_ARMS, "--evals", "ppl", "needle", *(["--data", dex_data] if dex_data else []))
                ] if dex_base else []

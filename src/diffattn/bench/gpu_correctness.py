@@ -11,7 +11,13 @@ raised, so the rest still runs):
 * the decode kernel (one query row against the cache) against the last row of the full forward;
 * tiny DIFF V1 and Shared DIFF models with ``kernel="triton"`` against the same weights with
   ``kernel="eager"``: logits, every parameter's gradient (judged on the model's largest gradient), and 16
-  greedy tokens.
+  greedy tokens;
+* the resources of every kernel the checks loaded on the device (``kernels``: registers and spills as the
+  driver reports them, shared memory, tensor-core instructions): the same table as ``diffattn bench
+  compile``, from the real device.
+
+bf16 runs first (the GPU path); fp32 calls go through the ``triton`` kernel object, whose dispatcher routes fp32
+to ``sdpa`` on a GPU (``path`` says which ran).
 
 Errors are relative: max |x − ref| / max |ref|. ``--dry-run`` runs the identical plan on CPU at tiny
 shapes; it needs TRITON_INTERPRET=1 set before triton is imported (gpu_check sets it).
@@ -71,7 +77,7 @@ def check_kernel(case: dict, dtype: str, causal: bool, device: str) -> dict:
     inputs = [mk(b, h, t, d), mk(b, h, t, d), mk(b, hkv, t, d), mk(b, hkv, t, d), mk(b, hkv, t, 2 * d)]
     lam = torch.tensor(0.37, device=device, requires_grad=True)
     scale = d ** -0.5
-    out = triton_diff.differential(*inputs, lam, is_causal=causal, scale=scale)
+    out, path = _differential(*inputs, lam, is_causal=causal, scale=scale)
     ref = _reference(*inputs, lam, scale, causal)
     grad_out = torch.randn(out.shape, generator=g).to(device, dt)
     got = torch.autograd.grad(out, inputs + [lam], grad_out)
@@ -79,8 +85,19 @@ def check_kernel(case: dict, dtype: str, causal: bool, device: str) -> dict:
     names = ["q1", "q2", "k1", "k2", "v", "lambda"]
     errs = {"fwd": _rel(out, ref), **{f"grad_{n}": _rel(a, w) for n, a, w in zip(names, got, want)}}
     tol = TOL[dtype]
-    return {"check": "kernel", **case, "dtype": dtype, "causal": causal, "errors": errs, "tol": tol,
+    return {"check": "kernel", **case, "dtype": dtype, "causal": causal, "path": path, "errors": errs, "tol": tol,
             "passed": all(e <= tol for e in errs.values())}
+
+
+def _differential(q1, q2, k1, k2, v, lam, *, is_causal, scale):
+    """(output, which path served it): the fused kernel, or the dispatcher's sdpa route/fallback."""
+    from ..model import kernels, triton_diff
+
+    out = triton_diff.differential(q1, q2, k1, k2, v, lam, is_causal=is_causal, scale=scale)
+    if out is not None:
+        return out, "triton"
+    out, _ = kernels.get_kernel("triton").attend_differential(q1, q2, k1, k2, v, lam, is_causal=is_causal, scale=scale)
+    return out, "sdpa (" + (triton_diff.route_reason(q1.dtype, q1.device) or "fallback after a kernel failure") + ")"
 
 
 def check_decode(case: dict, dtype: str, device: str) -> dict:
@@ -93,12 +110,12 @@ def check_decode(case: dict, dtype: str, device: str) -> dict:
     q1, q2, k1, k2, v = mk(b, h, t, d), mk(b, h, t, d), mk(b, hkv, t, d), mk(b, hkv, t, d), mk(b, hkv, t, 2 * d)
     lam = torch.tensor(0.37, device=device)
     with torch.no_grad():
-        full = triton_diff.differential(q1, q2, k1, k2, v, lam, is_causal=True, scale=d ** -0.5)
-        step = triton_diff.decode(q1[:, :, -1:], q2[:, :, -1:], k1, k2, v, lam, scale=d ** -0.5)
+        full, _ = _differential(q1, q2, k1, k2, v, lam, is_causal=True, scale=d ** -0.5)
+        step, path = _differential(q1[:, :, -1:], q2[:, :, -1:], k1, k2, v, lam, is_causal=False, scale=d ** -0.5)
         ref = _reference(q1[:, :, -1:], q2[:, :, -1:], k1, k2, v, lam, d ** -0.5, False)
     errs = {"vs_full_forward_last_row": _rel(step, full[:, :, -1:]), "vs_reference": _rel(step, ref)}
     tol = TOL[dtype]
-    return {"check": "decode", **case, "dtype": dtype, "errors": errs, "tol": tol,
+    return {"check": "decode", **case, "dtype": dtype, "path": path, "errors": errs, "tol": tol,
             "passed": all(e <= tol for e in errs.values())}
 
 
@@ -147,17 +164,45 @@ def run(dry: bool) -> dict:
                             "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                             "traceback": traceback.format_exc(limit=3)})
 
-    for case in kernel_cases(dry):
-        for dtype in ("fp32", "bf16"):
+    # bf16 (the GPU path) first, so that a cap cuts the fp32 checks, not these
+    for dtype in ("bf16", "fp32"):
+        for case in kernel_cases(dry):
             for causal in (True, False):
                 attempt(check_kernel, case, dtype, causal, device, **case, dtype=dtype, causal=causal)
-    for dtype in ("fp32", "bf16"):
         case = kernel_cases(dry)[1]
         attempt(check_decode, case, dtype, device, **case, dtype=dtype)
-    for variant in ("diff_v1", "shared_diff"):
-        attempt(check_model, variant, device, dry, variant=variant)
+        if dtype == "bf16":
+            for variant in ("diff_v1", "shared_diff"):
+                attempt(check_model, variant, device, dry, variant=variant)
     return {"device": device, "dry_run": dry, "seconds": time.time() - t0, "checks": results,
-            "passed": sum(r["passed"] for r in results), "total": len(results)}
+            "passed": sum(r["passed"] for r in results), "total": len(results), "kernels": loaded_kernels(device)}
+
+
+def loaded_kernels(device: str) -> list[dict]:
+    """Registers, spills and shared memory of every fused-kernel variant loaded on ``device`` so far (the JIT's
+    cache): what `diffattn bench compile` predicts on a CPU, read from the real device. Empty under the
+    interpreter."""
+    from ..model import triton_diff
+    from .compile import tensor_core_family
+
+    if device != "cuda" or triton_diff.INTERPRET:
+        return []
+    rows = []
+    for name, fn in triton_diff.jit_kernels().items():
+        for caches in getattr(fn, "device_caches", {}).values():
+            for k in (caches[0] if isinstance(caches, tuple) else caches).values():
+                try:
+                    k._init_handles()
+                    meta = k.metadata
+                    cst = getattr(getattr(k, "src", None), "constants", {}) or {}
+                    rows.append({"kernel": name, "arch": f"sm_{meta.target.arch}", "regs": k.n_regs,
+                                 "spills": k.n_spills, "smem_bytes": int(meta.shared), "num_warps": meta.num_warps,
+                                 "num_stages": meta.num_stages,
+                                 "tensor_cores": tensor_core_family(k.asm.get("ptx", "")),
+                                 "constants": {str(key): str(v) for key, v in dict(cst).items()}})
+                except Exception as e:  # noqa: BLE001 - a kernel we cannot inspect is recorded, not fatal
+                    rows.append({"kernel": name, "error": f"{type(e).__name__}: {e}"[:200]})
+    return rows
 
 
 def main(argv=None) -> int:
