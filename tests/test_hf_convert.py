@@ -36,7 +36,7 @@ V = 67
 
 
 def tiny(attention: str, **kw) -> ModelConfig:
-    # init="gpt2": logits of order 1, which the absolute tolerance TOL was set on (the default "torch" init gives
+    # init="gpt2": logits of order 1, which the absolute tolerance TOL was set on (the N(0, 1)-embedding "torch" init gives
     # logits of order 10, where fp32 rounding alone approaches 1e-5)
     base = dict(vocab_size=V, d_model=48, n_layer=3, n_head=2, max_seq_len=64, init="gpt2")
     base.update(kw)

@@ -78,6 +78,8 @@ RULES = {
                                         "--set 'study.tasks=[\"ppl\", \"outliers\", \"lambda\", \"recall\"]'"),
     "diffattn compare --preset cpu-tiny": ("", "--data data/default " + TINY_COMPARE),
     "diffattn generate": ("--max-new-tokens 40", "--max-new-tokens 4"),
+    # the full matrix is minutes of ptxas (tests/test_bench_compile.py runs it, slow): one kernel and target here
+    "diffattn bench compile": ("", "--arch sm_90 --dtype bf16 --head-dim 64 --kernel combine --jobs 1 --quiet"),
 }
 RUN_AS_WRITTEN = ("diffattn --help", "diffattn info", "diffattn export", "diffattn import", "diffattn report")
 

@@ -289,7 +289,7 @@ def test_init_options_weight_statistics():
     assert math.isclose(g.layers[0].ffn.down.weight.std().item(), 0.02 / math.sqrt(2 * cfg.n_layer), rel_tol=0.03)
     assert torch.all(g.layers[0].attn.head_norm.weight == 1)
 
-    assert presets.get("small", "diff_v1").init == "torch"  # the library default (docs/results/init.md)
+    assert presets.get("small", "diff_v1").init == "scaled"  # the library default (docs/results/init.md)
     t = build_model(cfg.replace(init="torch"))
     # nn.Embedding: N(0, 1); nn.Linear: U(±1/√fan_in), std 1/√(3·fan_in)
     assert math.isclose(t.embed.weight.std().item(), 1.0, rel_tol=0.02)
