@@ -33,7 +33,7 @@ def test_rule_falls_back_to_the_best_mean_rank_then_recall():
     results = {"gpt2": _option(5.9, 0.9), "torch": _option(5.4, 0.1), "mixed": _option(5.5, 0.8),
                "scaled": _option(5.6, 0.7)}
     pick, why = init_study.choose(results)
-    assert pick == "mixed" and "no option is best on both" in why
+    assert pick == "mixed" and "No option is best on both" in why
     # two options tied on mean rank: the better recall wins
     tied = {"gpt2": _option(5.9, 0.9), "torch": _option(5.4, 0.1)}
     assert init_study.choose(tied)[0] == "gpt2"

@@ -144,7 +144,7 @@ def choose(results: dict[str, dict]) -> tuple[str, str]:
     rank_lm = {n: i for i, n in enumerate(sorted(names, key=lm.get))}
     rank_rc = {n: i for i, n in enumerate(sorted(names, key=rc.get, reverse=True))}
     pick = min(names, key=lambda n: (rank_lm[n] + rank_rc[n], -rc[n]))
-    return pick, (f"no option is best on both (LM: `{best_lm}` {lm[best_lm]:.3f}; recall: `{best_rc}` "
+    return pick, (f"No option is best on both (LM: `{best_lm}` {lm[best_lm]:.3f}; recall: `{best_rc}` "
                   f"{rc[best_rc]:.3f}); `{pick}` has the best mean rank (LM {rank_lm[pick] + 1}, recall "
                   f"{rank_rc[pick] + 1} of {len(names)}; LM {lm[pick]:.3f}, recall {rc[pick]:.3f})")
 
