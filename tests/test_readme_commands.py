@@ -26,7 +26,7 @@ STEPS = 4  # every README training run, tiny-sized: its final checkpoint is step
 SKIPPED = {
     "python3 -m venv": "installs the environment (what `make test` does before running this)",
     "make test": "this suite",
-    "make demo": "13 min; its preset is run below with tiny overrides (`compare --preset cpu-tiny`)",
+    "make demo": "14 min; its preset is run below with tiny overrides (`compare --preset cpu-tiny`)",
     "torchrun": "4 processes; tests/test_train_distributed.py runs DDP/FSDP2 with 2 gloo processes",
     "pip install": "installs an optional extra",
     "lm_eval": "needs the optional lm-eval package; tests/test_hf_lmeval.py (slow) runs it",
