@@ -18,7 +18,7 @@ from .presets import SAME_HEADS
 from .paper import NOT_MEASURED, PAPER, PAPER_TABLES, VERDICT_RULE, verdict
 from .report_recall import section_recall  # noqa: F401 (tests)
 from .study_view import (PARAM_MATCH_TOLERANCE, SAME_HEADS_LABEL, Study, _baselines_for, _is_diff,  # noqa: F401
-                         label)
+                         describe_init, label)
 
 def _verdict_cells(study: Study, variant: str, values_fn, better: str, min_effect: float, baselines=None):
     """Verdict cells of ``variant`` against each baseline."""
@@ -67,8 +67,6 @@ def section_setup(study: Study) -> list[Block]:
 
 def _init_line(r: dict) -> str:
     """The initialisation the study's models used (docs/results/init.md has the evidence behind it)."""
-    from .init_study import describe_init
-
     cfg = r["models"]["standard"]["config"]
     diff = next((r["models"][v]["config"] for v in ("diff_v1", "shared_diff") if v in r["models"]), None)
     return "initialisation: " + describe_init(cfg.get("init", "gpt2"), cfg.get("init_std", 0.02),

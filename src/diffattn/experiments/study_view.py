@@ -77,3 +77,17 @@ class Study:
 
 def _baselines_for(variant: str, study: Study) -> list[str]:
     return ["standard", SAME_HEADS] if variant == "diff_v2" and SAME_HEADS in study.variants else ["standard"]
+
+
+def describe_init(init: str, init_std: float, diff_norm_gain_init: float | None) -> str:
+    """One line naming an initialisation (what the compare report states)."""
+    text = {
+        "torch": "`init=torch`: PyTorch defaults as in the DIFF authors' reference modules (Linear U(±1/√fan_in), "
+                 "Embedding N(0, 1))",
+        "mixed": f"`init=mixed`: PyTorch-default Linears (U(±1/√fan_in)), token embedding N(0, {init_std:g}²)",
+        "scaled": "`init=scaled`: PyTorch-default Linears, token embedding and output head N(0, 1/d_model)",
+    }.get(init, f"`init=gpt2`: N(0, {init_std:g}²) for embeddings and every Linear, residual outputs /√(2·n_layer)")
+    if diff_norm_gain_init is not None:
+        text += f"; DIFF per-head norm gain starts at {diff_norm_gain_init:g}" + (
+            " (reference: 1)" if diff_norm_gain_init != 1.0 else " (as the reference)")
+    return text + " (docs/results/init.md)"
