@@ -107,6 +107,14 @@ def test_compare_end_to_end_report_agrees_with_results(data_dir, tmp_path, capsy
     before = (out / "runs" / "diff_v1" / "seed0" / "summary.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "runs" / "diff_v1" / "seed0" / "summary.json").stat().st_mtime_ns == before
+    # more seeds extend the study: seed 0 is reused as it is, seed 1 is added; another setting is refused
+    assert main(args + ["--seeds", "2"]) == 0
+    assert (out / "runs" / "diff_v1" / "seed0" / "summary.json").stat().st_mtime_ns == before
+    assert (out / "runs" / "diff_v1" / "seed1" / "summary.json").is_file()
+    assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1]
+    capsys.readouterr()
+    assert main(args + ["--set", "train.lr=0.5"]) == 2
+    assert "holds a different study" in capsys.readouterr().err
 
 
 def test_same_seed_same_losses(data_dir, tmp_path):

@@ -360,9 +360,12 @@ def _check_out(out: Path, study_record: dict) -> None:
 
 
 def study_fingerprint(study: StudyConfig) -> str:
+    """What an output directory's runs depend on. The seed count is not part of it: every run is a directory
+    of its own seed and a pure function of (settings, seed), so a rerun with more seeds reuses the finished
+    ones and adds the rest (the init study extends its language models this way)."""
     import hashlib
 
-    payload = json.dumps({"variants": study.variants, "seeds": study.seeds, "tasks": study.tasks, "data": study.data,
+    payload = json.dumps({"variants": study.variants, "tasks": study.tasks, "data": study.data,
                           "baseline": study.baseline.to_dict(), "train": study.train, "needle": [study.needle_share,
                           study.needle_max], "eval": study.eval, "variant_options": study.variant_options,
                           "recall": study.recall if "recall" in study.tasks else None}, sort_keys=True, default=str)

@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="a ready shard directory (default: the preset's, prepared if needed)")
     p.add_argument("--options", default=",".join(DEFAULT_OPTIONS), help=f"comma-separated: {', '.join(OPTIONS)}")
     p.add_argument("--variants", default="standard,diff_v1", help="comma-separated; the first must be standard")
-    p.add_argument("--lm-variants", help="the language models' variants (default: --variants); must start with standard")
+    p.add_argument("--lm-variants", default="standard",
+                   help="the language models' variants (default: standard, what the rule reads; a DIFF variant adds "
+                        "its LM gap per option); must start with standard")
     p.add_argument("--tasks", default="lm,recall", help="comma-separated: lm, recall")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--lm-seeds", type=int, help="the language models' seeds (default: --seeds; a rerun with more "
