@@ -19,7 +19,8 @@ def test_triton_kernel_tests_in_a_fresh_interpreter_process(request):
     from diffattn.model import triton_diff
 
     if torch.cuda.is_available() or triton_diff.INTERPRET:
-        pytest.skip("tests/test_triton_diff.py runs in this process")
+        pytest.skip("not needed: tests/test_triton_diff.py runs in this process itself (a CUDA GPU, or TRITON_INTERPRET=1 "
+                    "set before triton was imported)")
     target = Path(__file__).with_name("test_triton_diff.py")
     markexpr = request.config.getoption("markexpr") or "not slow"
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -259,11 +259,8 @@ class RecallStudyOptions:
         if isinstance(s, bool) or not (isinstance(s, int) and 1 <= s <= 100 or isinstance(s, list) and s and all(
                 isinstance(x, int) and not isinstance(x, bool) for x in s)):
             raise ValueError(f"seeds must be a count in [1, 100] or a list of integers, got {s!r}")
-        for name in ("d_model", "n_layer", "n_head", "head_dim", "ffn_hidden", "steps", "batch_size", "eval_queries"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("curve_points", "curve_queries"):
+        for name in ("d_model", "n_layer", "n_head", "head_dim", "ffn_hidden", "steps", "batch_size", "eval_queries",
+                     "curve_points", "curve_queries"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
