@@ -12,7 +12,10 @@ from diffattn.cli import main
 from diffattn.experiments import compare, report
 from diffattn.experiments.needle_mix import TRAIN_CITIES, TRAIN_NUMBERS, NeedleMixSampler
 from diffattn.experiments.paper import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, verdict
-from diffattn.experiments.presets import SAME_HEADS, load_study
+from diffattn import variants
+from diffattn.experiments.presets import load_study
+
+SAME_HEADS = variants.get("diff_v2").same_heads.name  # DIFF V2's same-heads control (its registry row)
 
 WORDS = ("the river ran past an old mill where children played until evening came and lamps were lit in every "
          "window of the quiet town while boats drifted slowly toward the harbour beyond hills across fields of "

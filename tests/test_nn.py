@@ -268,7 +268,7 @@ def test_replace_attention_in_a_transformer_encoder_trains_and_reports(variant, 
                           nn.Linear(48, 3))
     done = dnn.replace_attention(model, variant)
     assert [r.name for r in done] == ["1.layers.0.self_attn", "1.layers.1.self_attn"]
-    assert all(isinstance(m, dnn.LAYERS[variant]) for m in model.modules() if hasattr(m, "lambda_init")
+    assert all(isinstance(m, dnn.layer_class(variant)) for m in model.modules() if hasattr(m, "lambda_init")
                or isinstance(m, dnn.DiffAttentionV2))
     assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     heads = {"diff_v1": 3, "shared_diff": 3, "diff_v2": 4}[variant]

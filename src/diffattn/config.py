@@ -24,9 +24,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from . import variants
+from .utils.checks import check_bool, check_float, check_int, fail
 
 KERNELS = ("eager", "sdpa", "triton")  # model/kernels.py KERNELS (a test ties the two); "triton": fused DIFF V1 on GPU
-SHARED_INITS = ("lora", "random")
 # Weight-initialisation schemes (model/lm.py ``DecoderLM.init_weights``; docs/results/init.md for the evidence):
 #   "gpt2":   embeddings and every nn.Linear N(0, init_std²); residual output projections (o_proj, FFN down)
 #             N(0, init_std²/(2·n_layer)). The GPT-2/LLaMA convention.
@@ -40,7 +40,7 @@ SHARED_INITS = ("lora", "random")
 INITS = ("gpt2", "torch", "mixed", "scaled")
 # The built-in variants (variants.py holds the registry; a registered variant is valid here too).
 ATTENTION_VARIANTS = variants.BUILTIN
-_MAX_SIZE = 1 << 24  # guards against absurd sizes (typos like 10**12) before any allocation
+SHARED_INITS = variants.SHARED_INITS  # Shared DIFF's B init (its field and check are in its registry row)
 
 
 def variant_fields(attention: str) -> tuple[str, ...]:
@@ -53,79 +53,15 @@ def lambda_init_for_depth(depth: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * depth)
 
 
-def _fail(name: str, msg: str) -> None:
-    raise ValueError(f"ModelConfig.{name}: {msg}")
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int = _MAX_SIZE) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
-    if not lo <= value <= hi:
-        _fail(name, f"must be in [{lo}, {hi}], got {value}")
-
-
-def _check_float(name: str, value: Any, lo: float, hi: float, *, lo_open=False, hi_open=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(name, f"must be a finite number, got {value!r}")
-    bad_lo = value <= lo if lo_open else value < lo
-    bad_hi = value >= hi if hi_open else value > hi
-    if bad_lo or bad_hi:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        _fail(name, f"must be in {rng}, got {value}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(name, f"must be true or false, got {value!r}")
-
-
-def _check_lambda_init(cfg, set_) -> None:
-    li = cfg.lambda_init
-    if isinstance(li, str):
-        if li != "depth":
-            _fail("lambda_init", f"must be 'depth' or a number in [0, 1), got {li!r}")
-    else:
-        _check_float("lambda_init", li, 0.0, 1.0, hi_open=True)
-        set_("lambda_init", float(li))
-
-
-def _check_norm_affine(cfg, set_) -> None:
-    _check_bool("diff_norm_affine", cfg.diff_norm_affine)
-    if cfg.diff_norm_affine and not cfg.diff_norm:
-        _fail("diff_norm_affine", "must be false when diff_norm is false (there is no norm to scale)")
-
-
-def _check_gain_init(cfg, set_) -> None:
-    _check_float("diff_norm_gain_init", cfg.diff_norm_gain_init, 0.0, 10.0, lo_open=True)
-    set_("diff_norm_gain_init", float(cfg.diff_norm_gain_init))
-    if cfg.diff_norm_gain_init != 1.0 and not cfg.diff_norm_affine:
-        _fail("diff_norm_gain_init", "applies only with diff_norm_affine=true (a learnable gain to start); "
-              f"got {cfg.diff_norm_gain_init}")
-
-
-def _check_shared_init(cfg, set_) -> None:
-    if cfg.shared_init not in SHARED_INITS:
-        _fail("shared_init", f"unknown {cfg.shared_init!r}; valid: {', '.join(SHARED_INITS)}")
-
-
-# Value checks of the variant-only fields, run (in this order) for the fields the variant uses.
-_FIELD_CHECKS = {
-    "lambda_init": _check_lambda_init,
-    "lambda_std": lambda cfg, set_: _check_float("lambda_std", cfg.lambda_std, 0.0, 10.0),
-    "diff_norm": lambda cfg, set_: _check_bool("diff_norm", cfg.diff_norm),
-    "diff_norm_affine": _check_norm_affine,
-    "diff_norm_gain_init": _check_gain_init,
-    "shared_rank": lambda cfg, set_: _check_int("shared_rank", cfg.shared_rank, 1,
-                                                min(cfg.d_model, cfg.n_head * cfg.head_dim)),
-    "shared_init": _check_shared_init,
-}
+_fail = fail  # ModelConfig.<field>: <message> (utils/checks.py)
+_check_int, _check_float, _check_bool = check_int, check_float, check_bool
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Shape and options of a decoder-only LM with one attention variant in every layer."""
 
-    attention: str = "standard"  # one of ATTENTION_VARIANTS
+    attention: str = variants.BASELINE  # a registered variant (variants.names())
     vocab_size: int  # tokenizer vocabulary size
     d_model: int  # residual stream width D
     n_layer: int  # number of decoder blocks L
@@ -147,7 +83,7 @@ class ModelConfig:
     lambda_init: str | float | None = None  # "depth" (paper default) or a constant in [0, 1)
     lambda_std: float | None = None  # std of the λ re-parameterisation vectors
     diff_norm: bool | None = None  # per-head RMSNorm (then ×(1−λ_init)); False is the Table 6 ablation
-    diff_norm_affine: bool | None = None  # learnable gain in that norm (True: the current reference files; False: flashdiff.py)
+    diff_norm_affine: bool | None = None  # learnable gain in that norm (default True, the current reference files; False: flashdiff.py)
     diff_norm_gain_init: float | None = None  # starting value of the learnable gain (1 in the reference code)
     # --- Shared DIFF only (our reading of the abstract, UNCONFIRMED; see model/attention.py) ---
     shared_rank: int | None = None  # rank r of the per-map low-rank updates; default min(16, D·Hd/(4(D+Hd)))
@@ -203,8 +139,7 @@ class ModelConfig:
                     _fail(name, f"applies only to {where}, not {self.attention!r}")
             elif value is None:
                 set_(name, spec.default(name, self))
-        for name in spec.fields:
-            _FIELD_CHECKS.get(name, lambda cfg, set_: None)(self, set_)
+        spec.check(self, set_)  # the variant's own value checks (its registry row)
 
     # ------------------------------------------------------------------ derived quantities
     @property

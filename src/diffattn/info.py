@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from . import presets
-from .config import ATTENTION_VARIANTS, ModelConfig
+from . import presets, variants
+from .config import ModelConfig
 from .fsutil import read_json
 from .utils.options import parse_set
 
@@ -27,7 +27,7 @@ def resolve_config(preset: str | None, config_file: str | None, attention: str |
         data.update(dict(parse_override(o) for o in overrides))
         cfg = ModelConfig.from_dict(data)
         return presets.matched(cfg, attention) if attention and attention != cfg.attention else cfg
-    return presets.get(preset or "tiny", attention or "standard", **dict(parse_override(o) for o in overrides))
+    return presets.get(preset or "tiny", attention or variants.BASELINE, **dict(parse_override(o) for o in overrides))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +62,11 @@ DESCRIPTION = ("Resolve a named preset (or a config.json) for one attention vari
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=list(presets.SIZES), help="named size (default: tiny)")
     p.add_argument("--config", help="a config.json (ModelConfig fields) instead of a preset")
-    p.add_argument("--attention", choices=ATTENTION_VARIANTS, help="variant (parameter-matched to the preset)")
+    # no argparse choices: the registry is asked when the value is used (a plugin's variants load on the first
+    # lookup, and `diffattn info --help` stays instant); an unknown name is one line listing the registered ones
+    p.add_argument("--attention", metavar="VARIANT",
+                   help="a registered variant (built in: " + ", ".join(variants.BUILTIN) + "), parameter-matched to "
+                        "the preset")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)

@@ -57,6 +57,26 @@ def _baseline_heads(config: ModelConfig) -> tuple[Fraction, Fraction]:
     return heads, kv
 
 
+def matched_heads(variant: str, heads: int | Fraction, kv_heads: int | Fraction) -> tuple[int, int]:
+    """(n_head, n_kv_head) of ``variant`` parameter-matched to a standard Transformer with ``heads`` heads and
+    ``kv_heads`` K/V heads: the row's ``baseline_heads`` and ``keep_kv_heads`` (module docstring). The one
+    place the rule is applied: ``matched`` and the drop-in layers' ``matched`` call it. ValueError (without a
+    prefix; callers add theirs) when the counts do not divide."""
+    spec = variants.get(variant)
+    heads, kv = Fraction(heads), Fraction(kv_heads)
+    per = spec.baseline_heads
+    n_head = heads * per
+    if spec.keep_kv_heads:  # V2 keeps the baseline's K/V heads (MHA baselines: see module doc)
+        n_kv = n_head if kv == heads else kv
+    else:
+        n_kv = kv * per
+    if n_head.denominator != 1 or n_kv.denominator != 1 or n_head < 1 or n_kv < 1:
+        raise ValueError(f"would need n_head={float(n_head):g}, n_kv_head={float(n_kv):g}")
+    if int(n_head) % int(n_kv):
+        raise ValueError(f"would need n_kv_head={n_kv} dividing n_head={n_head}")
+    return int(n_head), int(n_kv)
+
+
 def matched(config: ModelConfig, variant: str, **variant_options: Any) -> ModelConfig:
     """The configuration of ``variant`` parameter-matched to ``config`` (see the module docstring).
 
@@ -65,37 +85,29 @@ def matched(config: ModelConfig, variant: str, **variant_options: Any) -> ModelC
     Raises ValueError when the head counts do not divide (e.g. diff_v2 needs a baseline whose head
     count is a multiple of 3).
     """
-    spec = variants.get(variant)
     heads, kv = _baseline_heads(config)
-    per = spec.baseline_heads
-    n_head = heads * per
-    if spec.keep_kv_heads:
-        n_kv = n_head if kv == heads else kv
-    else:
-        n_kv = kv * per
-    if n_head.denominator != 1 or n_kv.denominator != 1 or n_head < 1 or n_kv < 1:
-        raise ValueError(
-            f"presets.matched: a {config.attention} model with n_head={config.n_head}, n_kv_head={config.n_kv_head} "
-            f"has no parameter-matched {variant} (would need n_head={float(n_head):g}, n_kv_head={float(n_kv):g})")
-    if int(n_head) % int(n_kv):
-        raise ValueError(f"presets.matched: {variant} would need n_kv_head={n_kv} dividing n_head={n_head}")
+    try:
+        n_head, n_kv = matched_heads(variant, heads, kv)
+    except ValueError as e:
+        raise ValueError(f"presets.matched: a {config.attention} model with n_head={config.n_head}, "
+                         f"n_kv_head={config.n_kv_head} has no parameter-matched {variant} ({e})") from None
     data = config.to_dict()
     for name in variants.all_fields():
         data[name] = None
-    data.update(attention=variant, n_head=int(n_head), n_kv_head=int(n_kv), **variant_options)
+    data.update(attention=variant, n_head=n_head, n_kv_head=n_kv, **variant_options)
     return ModelConfig.from_dict(data)
 
 
-def get(name: str, attention: str = "standard", **overrides: Any) -> ModelConfig:
+def get(name: str, attention: str = variants.BASELINE, **overrides: Any) -> ModelConfig:
     """Named size ``name`` as a ``attention`` model. ``overrides`` apply to the baseline shape
     (e.g. ``vocab_size``, ``max_seq_len``, ``kernel``) or, for variant-only fields, to the variant."""
     if name not in SIZES:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(SIZES)}")
     variant_opts = {k: overrides.pop(k) for k in list(overrides) if k in variants.all_fields()}
-    base = ModelConfig.from_dict({**SIZES[name], **overrides, "attention": "standard"})
+    base = ModelConfig.from_dict({**SIZES[name], **overrides, "attention": variants.BASELINE})
     if base.attention == attention and not variant_opts:
         return base
     return matched(base, attention, **variant_opts)
 
 
-__all__ = ["SIZES", "get", "matched"]
+__all__ = ["SIZES", "get", "matched", "matched_heads"]

@@ -35,7 +35,7 @@ from ..fsutil import write_text_atomic
 from ..model import build_model
 from ..model.loss import lm_loss
 from ..utils.runtime import resolve_device
-from .presets import SAME_HEADS, StudyConfig, variant_config
+from .presets import BASELINE, StudyConfig, variant_config
 
 STUDY_FILE = "study.json"
 RESULTS_FILE = "results.json"
@@ -139,18 +139,11 @@ def build_model_params(cfg: ModelConfig) -> int:
 
 # ------------------------------------------------------------------------------------------- evaluation
 def _task_runner(task: str):
-    from ..eval import attention_noise, hallucination, icl, lambdas, needle, outliers, ppl, quant
+    """(run function, options class) of evaluation task ``task``: the one task table, ``diffattn.eval.TASKS``."""
+    from ..eval import TASKS
 
-    return {
-        "ppl": (ppl.run_ppl, ppl.PplOptions),
-        "needle": (needle.run_needle, needle.NeedleOptions),
-        "attention-noise": (attention_noise.run_attention_noise, attention_noise.AttentionNoiseOptions),
-        "outliers": (outliers.run_outliers, outliers.OutliersOptions),
-        "lambda": (lambdas.run_lambda, lambdas.LambdaOptions),
-        "quant": (quant.run_quant, quant.QuantOptions),
-        "icl": (icl.run_icl, icl.IclOptions),
-        "hallucination": (hallucination.run_hallucination, hallucination.HallucinationOptions),
-    }[task]
+    options_cls, run = TASKS[task]
+    return run, options_cls
 
 
 def evaluate_run(study: StudyConfig, checkpoint: Path, data_dir: Path, eval_dir: Path, seed: int,
@@ -264,7 +257,7 @@ def measure_cost(study: StudyConfig, vocab_size: int, seq_len: int, micro_batch:
                         "tokens_per_s": micro_batch * seq_len / med,
                         "peak_memory_bytes": _peak_memory(study.model_config(variant).replace(vocab_size=vocab_size),
                                                           seq_len, micro_batch, device, dtype)}
-    base = out["standard"]
+    base = out[BASELINE]
     for variant, row in out.items():
         row["throughput_ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
         row["memory_ratio"] = (row["peak_memory_bytes"] / base["peak_memory_bytes"]
@@ -460,4 +453,4 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-__all__ = ["run_compare", "SAME_HEADS"]
+__all__ = ["run_compare"]

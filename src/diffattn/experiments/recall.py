@@ -393,15 +393,11 @@ def train_model(config, opts: RecallStudyOptions, seed: int, log: Callable[[str]
     measured in eval mode under no_grad on fixed batches: it draws no random number the training uses, so the
     trained model is the same with or without it."""
     from ..model import build_model
-    from ..train.optim import is_no_decay
+    from ..train.optim import param_groups
 
     torch.manual_seed(seed)
     model = build_model(config).train()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if is_no_decay(name, p) else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(model, weight_decay=opts.weight_decay), lr=opts.lr, betas=(0.9, 0.98))
     rng = np.random.default_rng([seed, 1])  # the training stream; evaluation uses [seed, 2]
     ns = opts.train_ns
     losses = []

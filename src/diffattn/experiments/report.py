@@ -14,20 +14,21 @@ from pathlib import Path
 
 from ..fsutil import read_json, write_text_atomic
 from .render import Block, _fmt, _inline_md, _mean, _pm, to_html, to_markdown  # noqa: F401 (_inline_md: tests)
-from .presets import SAME_HEADS
+from .. import variants
 from .paper import NOT_MEASURED, PAPER, PAPER_TABLES, VERDICT_RULE, verdict
 from .report_recall import section_recall  # noqa: F401 (tests)
-from .study_view import (PARAM_MATCH_TOLERANCE, SAME_HEADS_LABEL, Study, _baselines_for, _is_diff,  # noqa: F401
+from .study_view import (BASELINE, PARAM_MATCH_TOLERANCE, Study, _baselines_for, _is_diff,  # noqa: F401
                          describe_init, label)
+
 
 def _verdict_cells(study: Study, variant: str, values_fn, better: str, min_effect: float, baselines=None):
     """Verdict cells of ``variant`` against each baseline."""
     cells = []
-    for base in baselines or ["standard"]:
+    for base in baselines or [BASELINE]:
         if base not in study.variants:
             continue
         v = verdict(values_fn(variant, paired=True), values_fn(base, paired=True), better, min_effect=min_effect)
-        note = f" (vs {study.label(base)})" if base != "standard" else ""
+        note = f" (vs {study.label(base)})" if base != BASELINE else ""
         cells.append(f"**{v.verdict}**{note}: Δ {v.diff:+.3g}" if v.verdict != NOT_MEASURED else v.verdict)
     return "; ".join(cells)
 
@@ -67,15 +68,16 @@ def section_setup(study: Study) -> list[Block]:
 
 def _init_line(r: dict) -> str:
     """The initialisation the study's models used (docs/results/init.md has the evidence behind it)."""
-    cfg = r["models"]["standard"]["config"]
-    diff = next((r["models"][v]["config"] for v in ("diff_v1", "shared_diff") if v in r["models"]), None)
+    cfg = r["models"][BASELINE]["config"]
+    gains = [m["config"]["diff_norm_gain_init"] for m in r["models"].values()
+             if m["config"].get("diff_norm_gain_init") is not None]  # the variants with a per-head norm gain
     return "initialisation: " + describe_init(cfg.get("init", "gpt2"), cfg.get("init_std", 0.02),
-                                              diff.get("diff_norm_gain_init", 1.0) if diff else None)
+                                              gains[0] if gains else None)
 
 
 def section_models(study: Study) -> list[Block]:
     models = study.r["models"]
-    base_total = models["standard"]["params"]["total"]
+    base_total = models[BASELINE]["params"]["total"]
     rows = []
     for v in study.variants:
         c, p = models[v]["config"], models[v]["params"]
@@ -85,21 +87,22 @@ def section_models(study: Study) -> list[Block]:
     blocks = [Block("h2", "Models and parameter counts"),
               Block("table", header=["variant", "heads / KV heads / head dim", "parameters", "attention",
                                      "λ + norm", "vs baseline"], rows=rows)]
-    notes = []
-    if "diff_v1" in models:
-        d = (models["diff_v1"]["params"]["total"] - base_total) / base_total
-        ok = abs(d) < PARAM_MATCH_TOLERANCE
-        notes.append(f"Parameter matching DIFF V1 ↔ baseline: {d:+.3%} "
-                     f"({'within' if ok else 'OUTSIDE'} the {PARAM_MATCH_TOLERANCE:.1%} tolerance): identical "
-                     f"projections, plus only the λ vectors and the per-head norm gains (methods.md §1.6).")
-    if "diff_v2" in models:
-        notes.append("DIFF V2 with h heads is matched to the baseline with 1.5h heads (the blog's ablation 4); "
-                     f"'{study.label(SAME_HEADS)}' is the same-heads Transformer the V2 authors also compare with.")
-    if "shared_diff" in models:
-        notes.append("Shared DIFF follows our reading of its abstract (shared base + low-rank Q/K updates; "
-                     "methods.md §3.3, UNCONFIRMED) with the V1 head layout, hence fewer parameters.")
-    blocks.append(Block("list", items=notes))
+    notes = [_model_note(study, v, base_total) for v in study.variants if v in variants.names()]
+    blocks.append(Block("list", items=[n for n in notes if n]))
     return blocks
+
+
+def _model_note(study: Study, v: str, base_total: int) -> str:
+    """The registry row's note on variant ``v``'s parameters; for a variant matched exactly (DIFF V1) the gap to
+    the baseline is checked against the tolerance first."""
+    spec = variants.get(v)
+    note = spec.report_note.format(same_heads=study.label(spec.same_heads.name) if spec.same_heads else "")
+    if not spec.matched_exactly:
+        return note
+    d = (study.r["models"][v]["params"]["total"] - base_total) / base_total
+    ok = abs(d) < PARAM_MATCH_TOLERANCE
+    return (f"Parameter matching {spec.label} ↔ baseline: {d:+.3%} ({'within' if ok else 'OUTSIDE'} the "
+            f"{PARAM_MATCH_TOLERANCE:.1%} tolerance): {note}")
 
 
 def section_loss(study: Study, out: Path, summary: list) -> list[Block]:
@@ -129,7 +132,7 @@ def section_loss(study: Study, out: Path, summary: list) -> list[Block]:
         ax.grid(alpha=0.3)
     fig.savefig(out / "loss_curves.png", dpi=110)
 
-    base = study.final_val("standard")
+    base = study.final_val(BASELINE)
     rows = []
     for v in study.variants:
         vals = study.final_val(v)
@@ -138,7 +141,7 @@ def section_loss(study: Study, out: Path, summary: list) -> list[Block]:
             if _is_diff(v) else ""
         if cell:
             summary.append([study.label(v), "lower validation loss", _pm(vals, 4) + " vs " + _pm(base, 4), cell])
-        rows.append([study.label(v), _pm(vals, 4), _fmt(dv, 4) if v != "standard" else "", cell])
+        rows.append([study.label(v), _pm(vals, 4), _fmt(dv, 4) if v != BASELINE else "", cell])
     return [Block("h2", "Language-modelling loss"), Block("image", "loss_curves.png"),
             Block("table", header=["variant", "final validation loss (mean ± std over seeds)", "Δ vs baseline",
                                    "verdict (paper: lower)"], rows=rows),
@@ -171,7 +174,7 @@ def section_needle(study: Study, out: Path, summary: list) -> list[Block]:
     for row in verdict_rows:
         v = next(x for x in study.variants if study.label(x) == row[0])
         summary.append([row[0], f"higher needle accuracy (N/R {hardest})",
-                        _pm(acc(v, hardest), 2) + " vs " + _pm(acc("standard", hardest), 2), row[2]])
+                        _pm(acc(v, hardest), 2) + " vs " + _pm(acc(BASELINE, hardest), 2), row[2]])
 
     # heat-maps: pinned accuracy by (length, depth), averaged over N/R and seeds
     from ..eval.common import new_figure
@@ -233,9 +236,9 @@ def section_attention(study: Study, out: Path, summary: list) -> list[Block]:
     for row in verdict_rows:
         v = next(x for x in study.variants if study.label(x) == row[0])
         summary.append([row[0], "more attention to the answer",
-                        _pm(share(v, "answer"), 3) + " vs " + _pm(share("standard", "answer"), 3), row[1]])
+                        _pm(share(v, "answer"), 3) + " vs " + _pm(share(BASELINE, "answer"), 3), row[1]])
         summary.append([row[0], "less attention noise",
-                        _pm(share(v, "noise"), 3) + " vs " + _pm(share("standard", "noise"), 3), row[2]])
+                        _pm(share(v, "noise"), 3) + " vs " + _pm(share(BASELINE, "noise"), 3), row[2]])
     from ..eval.common import new_figure
 
     fig, axes = new_figure(11, 4, ncols=2)
@@ -282,7 +285,7 @@ def section_outliers(study: Study, summary: list) -> list[Block]:
     for row in verdict_rows:
         v = next(x for x in study.variants if study.label(x) == row[0])
         top1 = lambda x: _fmt(_mean(study.eval_values(x, "outliers", ["attention_logits", "top1"])), 2)  # noqa: E731
-        summary.append([row[0], "smaller top-1 attention logit", f"{top1(v)} vs {top1('standard')}", row[1]])
+        summary.append([row[0], "smaller top-1 attention logit", f"{top1(v)} vs {top1(BASELINE)}", row[1]])
     return [Block("h2", "Activation outliers"),
             Block("table", header=["activation", "variant"] + keys, rows=rows),
             Block("table", header=["variant", "top-1 attention logit (paper: lower)", "top-1 hidden state (paper: lower)"],

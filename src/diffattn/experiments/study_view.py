@@ -7,15 +7,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .. import variants
-from .presets import SAME_HEADS
 
 BASELINE = variants.BASELINE
-SAME_HEADS_LABEL = "Transformer, V2's heads"
 
 
 def label(v: str) -> str:
-    """The name the report prints for variant ``v`` (its registry row's label; variants.py)."""
-    return SAME_HEADS_LABEL if v == SAME_HEADS else variants.label(v)
+    """The name the report prints for variant ``v`` or a same-heads control (the registry rows; variants.py)."""
+    return variants.label(v)
 
 
 def _is_diff(v: str) -> bool:
@@ -76,7 +74,10 @@ class Study:
 
 
 def _baselines_for(variant: str, study: Study) -> list[str]:
-    return ["standard", SAME_HEADS] if variant == "diff_v2" and SAME_HEADS in study.variants else ["standard"]
+    """The baseline, and the variant's same-heads control when the study trained one (DIFF V2's)."""
+    spec = variants.get(variant) if variant in variants.names() else None
+    control = spec.same_heads.name if spec is not None and spec.same_heads is not None else None
+    return [BASELINE, control] if control in study.variants else [BASELINE]
 
 
 def describe_init(init: str, init_std: float, diff_norm_gain_init: float | None) -> str:

@@ -84,6 +84,8 @@ class AttentionBase(KeepFP32Params):
     uses_attend_differential = False
     # Whether λ depends on the input (then lambda_per_token, else lambda_report, gives it).
     lambda_needs_data = False
+    # Kernel query heads per output head in combine (DIFF V2: 2, its two maps); the drop-in layers' masks use it.
+    query_heads_per_head = 1
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -355,6 +357,7 @@ class DiffV2Attention(AttentionBase):
 
     PARAM_BUCKETS = {"lambda_proj": "attention.lambda"}
     lambda_needs_data = True
+    query_heads_per_head = 2
 
     @classmethod
     def attention_widths(cls, config: ModelConfig) -> tuple[int, int]:
@@ -387,6 +390,13 @@ class DiffV2Attention(AttentionBase):
             p1, p2 = probs[:, 0::2], probs[:, 1::2]
             maps = AttentionMaps(p1 - lam.to(p1.dtype) * p2, torch.stack((p1, p2), dim=2))
         return out.transpose(1, 2).flatten(2), maps
+
+
+# The built-in rows (variants.py) are registered without a class, so that a config validates without torch;
+# their classes attach here, when the model code loads.
+for _name, _cls in (("standard", StandardAttention), ("diff_v1", DiffV1Attention), ("diff_v2", DiffV2Attention),
+                    ("shared_diff", SharedDiffAttention)):
+    variants.attach(_name, _cls)
 
 
 def attention_class(attention: str) -> type[AttentionBase]:

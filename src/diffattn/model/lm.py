@@ -219,23 +219,34 @@ class DecoderLM(nn.Module):
             self.config = old_config
 
     # ------------------------------------------------------------------ utilities
-    def param_counts(self) -> "OrderedDict[str, int]":
-        """Parameter count by component; the parts sum to ``total`` (tied weights counted once)."""
-        counts: OrderedDict[str, int] = OrderedDict(
-            (k, 0) for k in ("embedding", "attention.qkvo", "attention.lambda", "attention.norm", "ffn", "norm", "lm_head"))
-        for name, p in self.named_parameters():  # named_parameters de-duplicates tied tensors
+    def param_buckets(self) -> "OrderedDict[str, str]":
+        """Each parameter's component by its ``named_parameters`` name (tied tensors once): "embedding",
+        "lm_head", the attention class's own buckets (``PARAM_BUCKETS``: "attention.lambda", "attention.norm";
+        any other attention tensor "attention.qkvo"), "ffn", "norm". ``param_counts`` and the optimizer's
+        weight-decay split (train/optim.py) read it."""
+        buckets: OrderedDict[str, str] = OrderedDict()
+        own = type(self.layers[0].attn).PARAM_BUCKETS  # the variant class names its λ and norm tensors
+        for name, _ in self.named_parameters():  # named_parameters de-duplicates tied tensors
             if name.startswith("embed."):
                 key = "embedding"
             elif name.startswith("lm_head."):
                 key = "lm_head"
-            elif ".attn." in name:  # the variant class names its λ and norm tensors (PARAM_BUCKETS)
-                local = name.split(".attn.", 1)[1].split(".", 1)[0]
-                key = type(self.layers[0].attn).PARAM_BUCKETS.get(local, "attention.qkvo")
+            elif ".attn." in name:
+                key = own.get(name.split(".attn.", 1)[1].split(".", 1)[0], "attention.qkvo")
             elif ".ffn." in name:
                 key = "ffn"
             else:
                 key = "norm"
-            counts[key] += p.numel()
+            buckets[name] = key
+        return buckets
+
+    def param_counts(self) -> "OrderedDict[str, int]":
+        """Parameter count by component (:meth:`param_buckets`); the parts sum to ``total`` (tied weights once)."""
+        counts: OrderedDict[str, int] = OrderedDict(
+            (k, 0) for k in ("embedding", "attention.qkvo", "attention.lambda", "attention.norm", "ffn", "norm", "lm_head"))
+        buckets = self.param_buckets()
+        for name, p in self.named_parameters():
+            counts[buckets[name]] += p.numel()
         counts["total"] = sum(counts.values())
         assert counts["total"] == sum(p.numel() for p in self.parameters())
         return counts

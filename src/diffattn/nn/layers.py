@@ -11,15 +11,14 @@ optional rotary positions, bidirectional by default, dropout on the attention we
 
 from __future__ import annotations
 
-from fractions import Fraction
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .. import variants
+from .. import presets, variants
 from ..config import ModelConfig
-from ..model.attention import AttentionMaps, DiffV1Attention, DiffV2Attention, StandardAttention
+from ..model.attention import AttentionMaps, DiffV1Attention, DiffV2Attention, StandardAttention, attention_class
 from ..model.attention import SharedDiffAttention as _SharedDiffCore
 from ..model.kernels import KERNELS, get_kernel
 from ..model.layers import Rotary
@@ -32,19 +31,24 @@ def _check_int(name: str, value, lo: int = 1) -> int:
 
 
 class _DropIn:
-    """The ``nn.MultiheadAttention``-style interface shared by every layer (mixed into a variant class)."""
+    """The ``nn.MultiheadAttention``-style interface shared by every layer, mixed into a variant's attention
+    class (``class Layer(_DropIn, TheVariantsClass)``, :func:`layer_class`). What differs between variants comes
+    from the registry row (``VARIANT``'s ``head_split``, its fields) and the class (``query_heads_per_head``)."""
 
-    VARIANT = "standard"
-    SPLIT = 1  # default head_dim = embed_dim / (SPLIT · num_heads)
-    QUERY_HEADS = 1  # kernel query heads per output head (DIFF V2: 2, its two maps)
-    CORE: type = StandardAttention  # the decoder's attention class this layer drives
+    VARIANT = variants.BASELINE
 
     def __init__(self, embed_dim: int, num_heads: int, **kwargs):
-        """See the class docstring and docs/nn.md; variant-only options (``lambda_std``, ``diff_norm``,
-        ``diff_norm_affine``, ``shared_rank``, ``shared_init``) are keyword arguments too."""
+        """See the class docstring and docs/nn.md; the variant-only options of the variant's registry row
+        (DIFF V1: ``lambda_std``, ``diff_norm``, ``diff_norm_affine``; Shared DIFF also ``shared_rank``,
+        ``shared_init``) are keyword arguments too."""
         config, opts = self._setup(embed_dim, num_heads, **kwargs)
-        self.CORE.__init__(self, config, config.n_layer - 1)  # layer index = depth (λ_init for DIFF V1)
+        self._core().__init__(self, config, config.n_layer - 1)  # layer index = depth (λ_init for DIFF V1)
         self._finish(embed_dim, opts)
+
+    @classmethod
+    def _core(cls) -> type:
+        """The decoder's attention class this layer drives (the variant's registered class)."""
+        return attention_class(cls.VARIANT)
 
     def _setup(self, embed_dim, num_heads, *, num_kv_heads=None, head_dim=None, depth=0, lambda_init=None,
                causal=False, rope=None, dropout=0.0, bias=False, kernel="sdpa", batch_first=True, device=None,
@@ -56,11 +60,13 @@ class _DropIn:
         _check_int("num_kv_heads", num_kv_heads)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+        spec = variants.get(self.VARIANT)
         if head_dim is None:
-            if embed_dim % (self.SPLIT * num_heads):
-                what = f"{self.SPLIT}*num_heads={self.SPLIT * num_heads}" if self.SPLIT > 1 else f"num_heads={num_heads}"
+            split = spec.head_split
+            if embed_dim % (split * num_heads):
+                what = f"{split}*num_heads={split * num_heads}" if split > 1 else f"num_heads={num_heads}"
                 raise ValueError(f"embed_dim={embed_dim} is not divisible by {what}; give head_dim")
-            head_dim = embed_dim // (self.SPLIT * num_heads)
+            head_dim = embed_dim // (split * num_heads)
         _check_int("head_dim", head_dim, 2)
         if rope is not None and head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even for rotary positions (rope)")
@@ -72,10 +78,11 @@ class _DropIn:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         _check_int("depth", depth, 0)
         fields = {k: v for k, v in variant_fields.items() if v is not None}
-        if self.VARIANT in ("diff_v1", "shared_diff"):
+        if "lambda_init" in spec.fields:
             fields["lambda_init"] = "depth" if lambda_init is None else lambda_init
         elif lambda_init is not None:
-            raise ValueError(f"lambda_init applies to DIFF V1 and Shared DIFF, not {type(self).__name__}")
+            users = " and ".join(variants.label(v) for v in variants.users_of("lambda_init"))
+            raise ValueError(f"lambda_init applies to {users}, not {type(self).__name__}")
         try:
             config = ModelConfig(attention=self.VARIANT, vocab_size=1, d_model=embed_dim, n_layer=depth + 1,
                                  n_head=num_heads, n_kv_head=num_kv_heads, head_dim=head_dim, max_seq_len=1,
@@ -200,8 +207,9 @@ class _DropIn:
             allowed = allowed | empty[..., None]  # a row with no key attends to all keys, then is zeroed
         else:
             empty = None
-        if allowed.shape[1] > 1 and self.QUERY_HEADS > 1:  # per-head masks reach every query head of a head
-            allowed = allowed.repeat_interleave(self.QUERY_HEADS, dim=1)
+        per = self.query_heads_per_head  # the variant class's kernel query heads per output head (DIFF V2: 2)
+        if allowed.shape[1] > 1 and per > 1:  # per-head masks reach every query head of a head
+            allowed = allowed.repeat_interleave(per, dim=1)
         return allowed, empty
 
     # --------------------------------------------------------------------------------------- matching
@@ -209,19 +217,15 @@ class _DropIn:
     def matched(cls, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, **kwargs):
         """The layer parameter-matched to a standard ``MultiheadAttention(embed_dim, num_heads, num_kv_heads)``:
         the variant's registry rule (``presets.matched``; docs/nn.md). Every other argument is passed on."""
-        spec = variants.get(cls.VARIANT)
         kv = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads % 2 or (embed_dim % num_heads):
             raise ValueError(f"matched: num_heads={num_heads} must be even and divide embed_dim={embed_dim}")
-        heads = Fraction(num_heads) * spec.baseline_heads
-        if spec.keep_kv_heads:
-            kvs = heads if kv == num_heads else Fraction(kv)
-        else:
-            kvs = Fraction(kv) * spec.baseline_heads
-        if heads.denominator != 1 or kvs.denominator != 1 or int(heads) % int(kvs):
+        try:
+            heads, kvs = presets.matched_heads(cls.VARIANT, num_heads, kv)
+        except ValueError as e:
             raise ValueError(f"matched: a standard layer with num_heads={num_heads}, num_kv_heads={kv} has no "
-                             f"parameter-matched {cls.__name__} (it would need {float(heads):g} heads)")
-        return cls(embed_dim, int(heads), num_kv_heads=int(kvs), head_dim=embed_dim // num_heads, **kwargs)
+                             f"parameter-matched {cls.__name__} ({e})") from None
+        return cls(embed_dim, heads, num_kv_heads=kvs, head_dim=embed_dim // num_heads, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
@@ -250,15 +254,12 @@ class MultiheadAttention(_DropIn, StandardAttention):
     VARIANT = "standard"
 
 
-
 class DiffAttention(_DropIn, DiffV1Attention):
     """DIFF Transformer V1 attention (arXiv 2410.05258): ``num_heads`` DIFF heads, each two query/key sub-heads of
     ``head_dim`` (default ``embed_dim / (2·num_heads)``) and a 2·head_dim value; λ per layer (λ_init from ``depth``,
     0-based, or ``lambda_init``), the per-head RMSNorm and (1 − λ_init)."""
 
     VARIANT = "diff_v1"
-    SPLIT = 2
-    CORE = DiffV1Attention
 
 
 class SharedDiffAttention(_DropIn, _SharedDiffCore):
@@ -266,8 +267,6 @@ class SharedDiffAttention(_DropIn, _SharedDiffCore):
     plus per-map low-rank updates of rank ``shared_rank``."""
 
     VARIANT = "shared_diff"
-    SPLIT = 2
-    CORE = _SharedDiffCore
 
 
 class DiffAttentionV2(_DropIn, DiffV2Attention):
@@ -276,9 +275,24 @@ class DiffAttentionV2(_DropIn, DiffV2Attention):
     head, sigmoid(x·W_λ)."""
 
     VARIANT = "diff_v2"
-    QUERY_HEADS = 2
-    CORE = DiffV2Attention
 
 
+_LAYERS: dict[str, type] = {cls.VARIANT: cls for cls in (MultiheadAttention, DiffAttention, DiffAttentionV2,
+                                                         SharedDiffAttention)}
 
-__all__ = ["MultiheadAttention", "DiffAttention", "DiffAttentionV2", "SharedDiffAttention"]
+
+def layer_class(variant: str) -> type:
+    """The drop-in layer of a registered variant: the named class above for a built-in, else one derived from
+    the variant's attention class (``class <Class>Layer(_DropIn, <Class>)``, made once per variant). Any class
+    that follows the forward-pieces contract (``project_q/k/v``, ``split``, ``combine``; docs/architecture.md)
+    becomes a drop-in layer this way."""
+    core = attention_class(variant)  # ValueError naming the registered variants for an unknown name
+    layer = _LAYERS.get(variant)
+    if layer is None or not issubclass(layer, core):  # a new or re-registered variant
+        layer = type(f"{core.__name__}Layer", (_DropIn, core), {"VARIANT": variant, "__module__": __name__,
+                                                                "__doc__": f"{core.__doc__ or variant} (drop-in layer)"})
+        _LAYERS[variant] = layer
+    return layer
+
+
+__all__ = ["MultiheadAttention", "DiffAttention", "DiffAttentionV2", "SharedDiffAttention", "layer_class"]

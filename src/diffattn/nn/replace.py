@@ -13,10 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import DiffAttention, DiffAttentionV2, MultiheadAttention, SharedDiffAttention
-
-LAYERS = {"diff_v1": DiffAttention, "diff_v2": DiffAttentionV2, "shared_diff": SharedDiffAttention,
-          "standard": MultiheadAttention}
+from .. import variants
+from .layers import layer_class
 
 
 @dataclass(frozen=True)
@@ -32,16 +30,18 @@ class Replacement:
 
 
 def replace_attention(model: nn.Module, variant: str = "diff_v1", **layer_kwargs) -> list[Replacement]:
-    """Replace every ``nn.MultiheadAttention`` inside ``model`` (in place) with ``LAYERS[variant].matched(...)``.
+    """Replace every ``nn.MultiheadAttention`` inside ``model`` (in place) with ``layer_class(variant).matched(...)``
+    (any registered variant).
 
     ``layer_kwargs`` go to the new layers (e.g. ``kernel="eager"``, ``rope=10000.0``, ``causal=True``); each layer's
     ``depth`` (for λ_init) is its position among the replaced modules, 0-based. Returns what was replaced; an empty
     list means the model had no ``nn.MultiheadAttention``. Modules with ``kdim``/``vdim`` different from
     ``embed_dim`` are refused (ValueError), as are ``add_bias_kv`` / ``add_zero_attn``.
     """
-    if variant not in LAYERS:
-        raise ValueError(f"variant must be one of {', '.join(LAYERS)}, got {variant!r}")
-    cls = LAYERS[variant]
+    if variant not in variants.names():
+        raise ValueError(f"variant must be one of {', '.join(variants.names())}, got {variant!r}")
+    cls = layer_class(variant)
+    depth_matters = "lambda_init" in variants.get(variant).fields  # λ_init(depth): DIFF V1, Shared DIFF
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)]
     done = []
     for depth, (name, mha) in enumerate(targets):
@@ -51,7 +51,7 @@ def replace_attention(model: nn.Module, variant: str = "diff_v1", **layer_kwargs
             raise ValueError(f"{name}: add_bias_kv / add_zero_attn have no differential counterpart")
         kwargs = dict(dropout=mha.dropout, bias=mha.in_proj_bias is not None, batch_first=mha.batch_first,
                       device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
-        if variant in ("diff_v1", "shared_diff"):
+        if depth_matters:
             kwargs["depth"] = depth
         new = cls.matched(mha.embed_dim, mha.num_heads, **{**kwargs, **layer_kwargs})
         parent_name, _, attr = name.rpartition(".")
@@ -62,4 +62,4 @@ def replace_attention(model: nn.Module, variant: str = "diff_v1", **layer_kwargs
     return done
 
 
-__all__ = ["replace_attention", "Replacement", "LAYERS"]
+__all__ = ["replace_attention", "Replacement", "layer_class"]

@@ -12,8 +12,10 @@ is applied to the *matrices of the linear maps* only:
   would pull the per-token λ = sigmoid(x W_λ) towards 0.5. ``TrainConfig.decay_lambda_proj=True``
   treats W_λ as an ordinary projection instead (the V2 blog does not say; UNCONFIRMED).
 
-Parameters are partitioned by name; :func:`param_groups` asserts every parameter lands in exactly
-one group.
+Parameters are partitioned by the model's buckets (``DecoderLM.param_buckets``: the embedding by its module,
+λ and norm tensors by the variant class's ``PARAM_BUCKETS``), never by a variant's parameter names, so a
+registered variant's λ tensors are treated as the built-ins' are. :func:`param_groups` asserts every parameter
+lands in exactly one group.
 """
 
 from __future__ import annotations
@@ -26,25 +28,30 @@ from torch import nn
 from .config import TrainConfig
 
 
-def is_no_decay(name: str, param: torch.Tensor, decay_lambda_proj: bool = False) -> bool:
-    """True for parameters excluded from weight decay (see the module docstring)."""
-    leaf = name.rsplit(".", 1)[-1]
-    if name.startswith("embed.") or param.dim() < 2:  # embedding, norm gains, λ vectors
+def is_no_decay(bucket: str, param: torch.Tensor, decay_lambda_proj: bool = False) -> bool:
+    """True for parameters excluded from weight decay (see the module docstring): vectors and scalars (norm
+    gains, λ vectors), the embedding (and a tied head), and the λ bucket's matrices (DIFF V2's W_λ) unless
+    ``decay_lambda_proj``."""
+    if param.dim() < 2 or bucket == "embedding":
         return True
-    if ".lambda_" in name or leaf.startswith("lambda_"):
-        return not (decay_lambda_proj and ".lambda_proj." in name)
-    return False
+    return bucket == "attention.lambda" and not decay_lambda_proj
 
 
-def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """Two AdamW groups, named ``decay`` and ``no_decay`` (the partition of the module docstring)."""
+def param_groups(model: nn.Module, config: TrainConfig | None = None, *, weight_decay: float | None = None,
+                 decay_lambda_proj: bool | None = None) -> list[dict]:
+    """Two AdamW groups, named ``decay`` and ``no_decay`` (the partition of the module docstring), in the
+    model's parameter order. ``weight_decay`` / ``decay_lambda_proj`` default to ``config``'s."""
+    wd = config.weight_decay if weight_decay is None else weight_decay
+    decay_proj = (config.decay_lambda_proj if config is not None else False) if decay_lambda_proj is None \
+        else decay_lambda_proj
+    buckets = model.param_buckets()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if is_no_decay(name, p, config.decay_lambda_proj) else decay).append((name, p))
-    groups = [{"name": "decay", "params": [p for _, p in decay], "weight_decay": config.weight_decay},
-              {"name": "no_decay", "params": [p for _, p in no_decay], "weight_decay": 0.0}]
+        (no_decay if is_no_decay(buckets[name], p, decay_proj) else decay).append(p)
+    groups = [{"name": "decay", "params": decay, "weight_decay": wd},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     n_grouped = sum(len(g["params"]) for g in groups)
     assert n_grouped == sum(1 for p in model.parameters() if p.requires_grad), "parameter partition is not exact"
     return groups

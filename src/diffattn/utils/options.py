@@ -27,9 +27,9 @@ from .errors import UsageError
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field with command-line help (``metadata['help']``)."""
-    if isinstance(default, list):
-        value = list(default)
-        return field(default_factory=lambda: list(value), metadata={"help": help, **extra})
+    if isinstance(default, (list, dict)):  # a fresh copy per instance
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -193,8 +193,21 @@ def parse_set(item: str, *, example: str = "train.lr=1e-3") -> tuple[str, Any]:
     return key, parse_value(raw)
 
 
+def set_dotted(tables: dict[str, Any], key: str, value: Any, *, example: str = "train.lr=1e-3") -> None:
+    """Apply one ``--set TABLE.KEY=VALUE`` (tables nest: ``eval.needle.samples``) to parsed TOML, in place."""
+    table, _, name = key.rpartition(".")
+    if not table or not name:
+        raise UsageError(f"--set {key}: use TABLE.KEY (e.g. {example})")
+    node = tables
+    for part in table.split("."):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"--set {key}: {part!r} is a value, not a table")
+    node[name] = value
+
+
 __all__ = ["OneLineParser", "opt", "flag", "add_options_to_parser", "options_from_args", "options_from_mapping", "add_actions",
-           "read_toml", "parse_value", "parse_set"]
+           "read_toml", "parse_value", "parse_set", "set_dotted"]
 
 
 class OneLineParser(argparse.ArgumentParser):
