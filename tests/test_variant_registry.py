@@ -1,11 +1,15 @@
-"""A variant is one class plus one spec row (issue #15): a toy fifth variant, defined here and nowhere else,
-goes through config validation, the presets' matching, build, a training step, the eval probe, λ read-out,
-the report and the benchmark — with no other file knowing its name. Also: one registry, kernels as objects."""
+"""A variant is one class plus one spec row (issues #15, #27): a toy fifth variant, defined in tests/toy_variant.py
+and nowhere else, goes through config validation, the presets' matching, build, a training step (the optimizer's
+weight-decay split by its buckets), the eval probe, λ read-out, the report, the benchmark, the drop-in layer,
+save/from_pretrained, and — registered through an entry point, as a third-party package would — ``diffattn info`` in
+a fresh process; no other file knows its name. Also: one registry, kernels as objects."""
 
 import copy
 import json
+import os
 import re
-from fractions import Fraction
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,63 +18,14 @@ from torch import nn
 
 from diffattn import ModelConfig, build_model, presets, variants
 from diffattn.config import KERNELS as CONFIG_KERNELS
-from diffattn.model import AttentionBase, AttentionMaps, kernels
+from diffattn.model import AttentionBase, kernels
 from diffattn.model.attention import attention_class
+from toy_variant import TOY, ToyDiffAttention  # tests/toy_variant.py: a helper module, not a test module
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "cpu-tiny" / "results.json"
-
-
-class ToyDiffAttention(AttentionBase):
-    """2H query heads against Hkv shared K/V heads; output head h = C(2h) − λ·C(2h+1) with ONE learnable scalar λ
-    per layer, through the kernel's differential entry. Exists only in this test."""
-
-    _fp32_params = ("lam",)
-    PARAM_BUCKETS = {"lam": "attention.lambda"}
-    uses_attend_differential = True
-
-    def __init__(self, config, layer_idx):
-        super().__init__(config, layer_idx)
-        h, hkv, d, dm = config.n_head, config.n_kv_head, config.head_dim, config.d_model
-        self.q_proj = nn.Linear(dm, 2 * h * d, bias=False)
-        self.k_proj = nn.Linear(dm, hkv * d, bias=False)
-        self.v_proj = nn.Linear(dm, hkv * d, bias=False)
-        self.o_proj = nn.Linear(h * d, dm, bias=False)
-        self.lam = nn.Parameter(torch.zeros((), dtype=torch.float32))
-
-    @torch.no_grad()
-    def reset_variant_parameters(self):
-        self.lam.fill_(0.25)
-
-    @classmethod
-    def attention_widths(cls, config):
-        hd = config.n_head * config.head_dim
-        return 2 * hd, 2 * hd
-
-    def lambda_report(self):
-        return {"lambda": float(self.lam)}
-
-    def forward(self, x, rope, *, mask=None, is_causal=True, cache=None, need_weights=False):
-        b, t, _ = x.shape
-        d = self.head_dim
-        q = rope(self.q_proj(x).view(b, t, -1, d)).transpose(1, 2)
-        k = rope(self.k_proj(x).view(b, t, -1, d)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        out, probs = self.kernel.attend_differential(q[:, 0::2], q[:, 1::2], k, k, v, self.lam, mask=mask,
-                                                     is_causal=is_causal, scale=self.scale, need_weights=need_weights)
-        maps = None
-        if need_weights:
-            p1, p2 = probs
-            maps = AttentionMaps(p1 - self.lam.to(p1.dtype) * p2, torch.stack((p1, p2), dim=2))
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), maps
-
-
-TOY = variants.VariantSpec(name="toy_diff", cls=ToyDiffAttention, label="Toy DIFF",
-                           heads="n_head output heads, 2·n_head query heads", baseline_heads=Fraction(2, 3),
-                           keep_kv_heads=True)
+TESTS = Path(__file__).resolve().parent
+RESULTS = TESTS.parent / "docs" / "results" / "cpu-tiny" / "results.json"
 
 
 @pytest.fixture
@@ -172,3 +127,110 @@ def test_toy_variant_in_the_benchmark(toy, capsys):
                "--n-head", "6", "--head-dim", "8", "--warmup", "0", "--repeats", "1", "--no-references"])
     out = capsys.readouterr().out
     assert rc == 0 and "toy_diff [sdpa]" in out  # the fused CPU kernel serves its differential call
+
+
+def test_toy_variant_weight_decay_goes_by_its_buckets(toy):
+    """The optimizer asks the class's PARAM_BUCKETS, not parameter names: the toy's λ is never decayed."""
+    from diffattn.train.optim import param_groups
+
+    model = build_model(presets.get("tiny", "toy_diff"))
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, weight_decay=0.1)}
+    assert model.param_buckets()["layers.0.attn.lam"] == "attention.lambda"
+    assert all(id(b.attn.lam) in groups["no_decay"] for b in model.layers)
+    assert all(id(b.attn.q_proj.weight) in groups["decay"] for b in model.layers)
+
+
+def _reference_toy(layer, x):
+    """The toy's equation written out: (softmax(Q1Kᵀ·s) − λ·softmax(Q2Kᵀ·s))·V per output head, GQA, then W_O."""
+    b, t, _ = x.shape
+    d, h = layer.head_dim, layer.num_heads
+    q = layer.q_proj(x).view(b, t, 2 * h, d).transpose(1, 2)
+    k = layer.k_proj(x).view(b, t, -1, d).transpose(1, 2).repeat_interleave(h // layer.num_kv_heads, dim=1)
+    v = layer.v_proj(x).view(b, t, -1, d).transpose(1, 2).repeat_interleave(h // layer.num_kv_heads, dim=1)
+    a1 = torch.softmax(q[:, 0::2] @ k.transpose(-1, -2) * d ** -0.5, dim=-1)
+    a2 = torch.softmax(q[:, 1::2] @ k.transpose(-1, -2) * d ** -0.5, dim=-1)
+    return layer.o_proj(((a1 - layer.lam * a2) @ v).transpose(1, 2).flatten(2))
+
+
+def test_toy_variant_as_a_drop_in_layer(toy):
+    """A class written to the forward-pieces contract becomes a torch.nn.MultiheadAttention-style layer with no code
+    of its own: nn.layer_class derives it from the class and the row."""
+    from diffattn import nn as dnn
+
+    layer_cls = dnn.layer_class("toy_diff")
+    assert issubclass(layer_cls, ToyDiffAttention) and dnn.layer_class("toy_diff") is layer_cls
+    torch.manual_seed(0)
+    layer = layer_cls(48, 4, num_kv_heads=2, kernel="eager")  # head_dim 12 = 48 / 4 (head_split 1)
+    assert (layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.lam.item()) == (4, 2, 12, 0.25)
+    x = torch.randn(2, 7, 48, dtype=torch.float64)
+    layer = layer.double()
+    out, maps = layer(x, need_weights=True)
+    torch.testing.assert_close(out, _reference_toy(layer, x), rtol=1e-10, atol=1e-12)
+    assert maps.components.shape == (2, 4, 2, 7, 7)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[:, -2:] = True  # the last two keys are padding: no weight in either map
+    _, maps = layer(x, key_padding_mask=pad, need_weights=True)
+    assert maps.components[..., -2:].abs().max() == 0
+    matched = layer_cls.matched(48, 6)  # 2/3 of a 6-head standard layer's heads, its head width
+    assert (matched.num_heads, matched.head_dim) == (4, 8)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(48, 6, 96, dropout=0.0, batch_first=True), 2,
+                                enable_nested_tensor=False)
+    done = dnn.replace_attention(enc, "toy_diff")
+    assert [r.new_num_heads for r in done] == [4, 4]
+    enc(torch.randn(2, 5, 48)).sum().backward()
+    assert all(m.lam.grad is not None for m in enc.modules() if isinstance(m, ToyDiffAttention))
+
+
+def test_toy_variant_save_and_from_pretrained(toy, tmp_path):
+    from diffattn.model import DecoderLM
+
+    torch.manual_seed(2)
+    model = build_model(presets.get("tiny", "toy_diff")).eval()
+    with torch.no_grad():
+        for b in model.layers:
+            b.attn.lam.fill_(0.375)  # not the init value: the loaded λ is the saved one
+    model.save_pretrained(tmp_path / "m")
+    loaded = DecoderLM.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config == model.config and isinstance(loaded.layers[0].attn, ToyDiffAttention)
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        # a copy of the saved values, no arithmetic: bit-equal on any CPU and thread count
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded(ids))  # same weights, same process and thread count, same kernels
+
+
+def _plugin_env(tmp_path) -> dict:
+    """An environment in which toy_variant is an installed plugin: a dist-info whose entry point, in the group
+    diffattn.variants, names toy_variant.register (what `pip install` of a third-party package writes)."""
+    dist = tmp_path / "site" / "toy_variant_plugin-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-variant-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{variants.ENTRY_POINT_GROUP}]\ntoy = toy_variant:register\n")
+    path = [str(tmp_path / "site"), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def _info(args, env):
+    return subprocess.run([sys.executable, "-m", "diffattn", "info", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_plugin_variant_in_diffattn_info_and_from_a_saved_model(tmp_path, toy):
+    env = _plugin_env(tmp_path)
+    r = _info(["--attention", "toy_diff", "--json"], env)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["config"]["attention"] == "toy_diff" and rec["config"]["n_head"] == 4  # matched to tiny's 6 heads
+    assert rec["params"]["attention.lambda"] == 2  # one λ per layer, the class's bucket
+    torch.manual_seed(3)
+    model = build_model(presets.get("tiny", "toy_diff"))
+    model.save_pretrained(tmp_path / "m")
+    load = ("from diffattn.model import DecoderLM; m = DecoderLM.from_pretrained(r'%s'); "
+            "print(m.config.attention, type(m.layers[0].attn).__name__, sum(p.numel() for p in m.parameters()))")
+    r = subprocess.run([sys.executable, "-c", load % (tmp_path / "m")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["toy_diff", "ToyDiffAttention", str(sum(p.numel() for p in model.parameters()))]
+    r = _info(["--attention", "toy_diff"], {**env, "PYTHONPATH": str(TESTS)})  # the plugin is not installed
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown attention 'toy_diff'" in r.stderr
