@@ -99,7 +99,7 @@ def test_hf_directories_that_must_not_reach_transformers(tmp_path, capsys):
 
     import pytest
 
-    from diffattn.eval.adapter import load as load_eval
+    from diffattn.eval import load as load_eval
 
     _, _, d = make_model_dir(tmp_path)
     relabelled = tmp_path / "llama"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffattn.eval.adapter import DiffattnAdapter, HFAdapter, load
+from diffattn.eval import DiffattnAdapter, HFAdapter, load
 from test_eval_utils import make_diffattn, make_difflama, make_llama, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -24,7 +24,7 @@ def test_each_rule_catches_its_violation(tmp_path):
     root = tmp_path / "diffattn"
     shutil.copytree(REPO / "src" / "diffattn", root)
     (root / "model" / "kernels.py").write_text((root / "model" / "kernels.py").read_text()
-                                               + "\nfrom ..eval.adapter import load  # noqa\n")
+                                               + "\nfrom ..eval.loader import load  # noqa\n")
     (root / "eval" / "ppl.py").write_text((root / "eval" / "ppl.py").read_text()
                                           + "\n\ndef _bad(block):\n    block.attn.kernel = None\n"
                                           + "    from ..cli import main  # noqa\n    from ..dex import apply_dex  # noqa\n")

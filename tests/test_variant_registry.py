@@ -81,7 +81,7 @@ def test_toy_variant_builds_matched_and_trains_a_step(toy):
 
 
 def test_toy_variant_through_the_eval_probe_maps_and_lambda(toy):
-    from diffattn.eval.adapter import DiffattnAdapter
+    from diffattn.eval import DiffattnAdapter
 
     torch.manual_seed(1)
     model = build_model(presets.get("tiny", "toy_diff"))

@@ -26,13 +26,13 @@ def _register_with_eval() -> None:
     with the evaluation interface (eval never imports dex)."""
     import sys
 
-    from ..eval import adapter as eval_adapter
+    from ..eval import loader as eval_loader
     from .adapter import apply_to_eval_adapter
     from .bases import resolve_base_path
 
     for name in KNOWN_BASES:
-        eval_adapter.register_base_source(name, lambda n: resolve_base_path(n, log=lambda m: print(m, file=sys.stderr))[0])
-    eval_adapter.register_adapter_loader(apply_to_eval_adapter)
+        eval_loader.register_base_source(name, lambda n: resolve_base_path(n, log=lambda m: print(m, file=sys.stderr))[0])
+    eval_loader.register_adapter_loader(apply_to_eval_adapter)
 
 
 _register_with_eval()

@@ -226,8 +226,8 @@ def save_merged(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, cop
 
 def apply_to_eval_adapter(hf_adapter, directory: str | os.PathLike) -> None:
     """Apply a DEX adapter directory (``diffattn adapt dex`` output) in place to an evaluation
-    ``HFAdapter`` of its base model (registered with ``diffattn.eval.adapter`` for ``--adapter``)."""
-    from ..eval.adapter import _json_sha256, _weights_sha256
+    ``HFAdapter`` of its base model (registered with ``diffattn.eval.loader`` for ``--adapter``)."""
+    from ..eval.adapter import json_sha256, weights_sha256
 
     cfg = load_adapter(hf_adapter.model, directory)
     hf_adapter.model.eval()
@@ -235,5 +235,5 @@ def apply_to_eval_adapter(hf_adapter, directory: str | os.PathLike) -> None:
     hf_adapter.name = f"{hf_adapter.name}+{Path(directory).resolve().name}"
     hf_adapter.dex_adapter = {"path": str(Path(directory).resolve()), "method": cfg["options"].get("method"),
                               "step": cfg.get("step"),
-                              "config_sha256": _json_sha256(read_json(Path(directory) / CONFIG_NAME)),
-                              "weights_sha256": _weights_sha256(Path(directory), ("adapter.safetensors",))}
+                              "config_sha256": json_sha256(read_json(Path(directory) / CONFIG_NAME)),
+                              "weights_sha256": weights_sha256(Path(directory), ("adapter.safetensors",))}

@@ -1,5 +1,6 @@
 """Evaluation suite: the papers' protocols as tasks (methods.md §5 P3–P10), on diffattn checkpoints
-and on any Hugging Face causal LM, through one adapter interface (``adapter.py``).
+and on any Hugging Face causal LM, through one adapter interface (``adapter.py``; ``loader.py`` loads a model
+into it).
 
 Each task is a module with an options dataclass and ``run_<task>(adapter, tokenizer, options,
 out_dir=None) -> dict`` (the ``results.json`` record); ``diffattn eval TASK --model DIR`` is the
@@ -14,7 +15,10 @@ function). See docs/eval.md.
 
 from __future__ import annotations
 
-from .adapter import DiffattnAdapter, HFAdapter, LayerMaps, ModelAdapter, ProbeSite, load, load_model_adapter
+from .adapter import LayerMaps, ModelAdapter, ProbeSite
+from .adapter_diffattn import DiffattnAdapter
+from .adapter_hf import HFAdapter
+from .loader import load, load_model_adapter
 from .attention_noise import AttentionNoiseOptions, run_attention_noise
 from .hallucination import HallucinationOptions, run_hallucination
 from .icl import IclOptions, run_icl

@@ -18,7 +18,7 @@ import torch
 from .. import variants
 from ..model.kernels import AttentionKernel, eager_attention
 from ..utils.errors import UsageError
-from .adapter import LayerMaps, ModelAdapter, ProbeSite, _json_sha256, _weights_sha256, collect_outputs
+from .adapter import LayerMaps, ModelAdapter, ProbeSite, collect_outputs, json_sha256, weights_sha256
 
 
 def probe_kernel(q, k, v, *, mask=None, is_causal=True, scale, need_weights=False, hook=None):
@@ -163,8 +163,8 @@ class DiffattnAdapter(ModelAdapter):
     def identity(self):
         d = super().identity()
         d.update(architecture=self.config.attention, model_type="diffattn",
-                 config_sha256=_json_sha256(self.config.to_dict()), n_params=self.model.param_counts()["total"],
-                 weights_sha256=_weights_sha256(self.path, ("model.safetensors",)) if self.path else None)
+                 config_sha256=json_sha256(self.config.to_dict()), n_params=self.model.param_counts()["total"],
+                 weights_sha256=weights_sha256(self.path, ("model.safetensors",)) if self.path else None)
         return d
 
 

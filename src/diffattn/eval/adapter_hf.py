@@ -20,7 +20,7 @@ from torch import nn
 from ..model.attention import lambda_record
 from ..model.kernels import eager_attention
 from ..utils.errors import UsageError
-from .adapter import LayerMaps, ModelAdapter, ProbeSite, _json_sha256, _weights_sha256, collect_outputs
+from .adapter import LayerMaps, ModelAdapter, ProbeSite, collect_outputs, json_sha256, weights_sha256
 
 
 _PROBE_NAME = "diffattn_eval_probe"
@@ -227,9 +227,9 @@ class HFAdapter(ModelAdapter):
             d["dex_adapter"] = self.dex_adapter
         cfg_path = self.path / "config.json" if self.path and self.path.is_dir() else None
         if cfg_path is not None and cfg_path.is_file():
-            config_hash = _json_sha256(json.loads(cfg_path.read_text()))
+            config_hash = json_sha256(json.loads(cfg_path.read_text()))
         else:
-            config_hash = _json_sha256(self.config.to_dict())
+            config_hash = json_sha256(self.config.to_dict())
         archs = getattr(self.config, "architectures", None) or [type(self.model).__name__]
         files = None
         if self.path is not None:
@@ -238,7 +238,7 @@ class HFAdapter(ModelAdapter):
             files = sorted({p.name for pat in pats for p in base.glob(pat)})
         d.update(architecture=archs[0], model_type=getattr(self.config, "model_type", None), config_sha256=config_hash,
                  n_params=sum(p.numel() for p in self.model.parameters()),
-                 weights_sha256=_weights_sha256(self.path if self.path.is_dir() else self.path.parent, files)
+                 weights_sha256=weights_sha256(self.path if self.path.is_dir() else self.path.parent, files)
                  if self.path is not None and files else None)
         return d
 

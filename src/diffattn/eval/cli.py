@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(task: str, args: argparse.Namespace) -> int:
     from . import TASKS
-    from .adapter import load
+    from .loader import load
 
     cls, fn = TASKS[task]
     config = read_toml(args.config) if args.config else None

@@ -148,7 +148,7 @@ def _task_runner(task: str):
 
 def evaluate_run(study: StudyConfig, checkpoint: Path, data_dir: Path, eval_dir: Path, seed: int,
                  log: Callable[[str], None]) -> dict[str, dict]:
-    from ..eval.adapter import load as load_adapter
+    from ..eval.loader import load as load_adapter
 
     device = resolve_device("auto").type
     adapter, tok = load_adapter(checkpoint, device=device)

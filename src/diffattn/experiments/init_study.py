@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..variants import BASELINE
+
 # option name -> (ModelConfig fields of the baseline, variant-only fields, what it is)
 OPTIONS: dict[str, tuple[dict, dict, str]] = {
     "gpt2": ({"init": "gpt2"}, {}, "N(0, 0.02²) for embeddings and every Linear, residual outputs /√(2L) (GPT-2)"),
@@ -40,7 +42,7 @@ TASKS = ("lm", "recall")
 
 
 def run(options: list[str], seeds: int, out: Path, preset: str, data: str | None, log,
-        variants: tuple[str, ...] = ("standard", "diff_v1"), tasks: tuple[str, ...] = TASKS,
+        variants: tuple[str, ...] = (BASELINE, "diff_v1"), tasks: tuple[str, ...] = TASKS,
         lm_variants: tuple[str, ...] | None = None, lm_seeds: int | None = None) -> dict:
     """{option: {"lm": compare results, "recall": compare results}}, each task a compare run of its own. The
     cheap recall runs of every option go first, then the language models (``lm_variants``, default
@@ -116,7 +118,7 @@ METRICS = {  # name -> (label, better, single-seed margin, format)
 
 def choose(results: dict[str, dict]) -> tuple[str, str]:
     """The default by the module's rule, and one line saying why (reads only the baseline's numbers)."""
-    base = {name: metrics(res)["standard"] for name, res in results.items()}
+    base = {name: metrics(res)[BASELINE] for name, res in results.items()}
     lm = {n: statistics.fmean(m["val_loss"].values()) for n, m in base.items() if m.get("val_loss")}
     rc = {n: statistics.fmean(m["recall_mean"].values()) for n, m in base.items() if m.get("recall_mean")}
     names = [n for n in results if n in lm and n in rc]
@@ -136,11 +138,11 @@ def choose(results: dict[str, dict]) -> tuple[str, str]:
 
 def baseline_table(results: dict[str, dict]) -> str:
     """The Transformer under each option: what the rule reads (mean ± sample std over seeds)."""
-    keys = [k for k in METRICS if any(k in metrics(r)["standard"] for r in results.values())]
+    keys = [k for k in METRICS if any(k in metrics(r)[BASELINE] for r in results.values())]
     lines = ["| init option | " + " | ".join(f"{METRICS[k][0]} ({METRICS[k][1]})" for k in keys) + " |",
              "|---" * (len(keys) + 1) + "|"]
     for name, res in results.items():
-        m = metrics(res)["standard"]
+        m = metrics(res)[BASELINE]
         lines.append(f"| {name} | " + " | ".join(_pm(m.get(k, {}).values(), METRICS[k][3]) for k in keys) + " |")
     return "\n".join(lines)
 
@@ -153,9 +155,9 @@ def table(results: dict[str, dict]) -> str:
              "DIFF better) |", "|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         ms = metrics(res)
-        for v in (x for x in ms if x != "standard"):
+        for v in (x for x in ms if x != BASELINE):
             for k, (label, better, margin, fmt) in METRICS.items():
-                a, b = ms[v].get(k), ms["standard"].get(k)
+                a, b = ms[v].get(k), ms[BASELINE].get(k)
                 if not a or not b:
                     continue
                 seeds = [s for s in a if s in b]
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="a ready shard directory (default: the preset's, prepared if needed)")
     p.add_argument("--options", default=",".join(DEFAULT_OPTIONS), help=f"comma-separated: {', '.join(OPTIONS)}")
     p.add_argument("--variants", default="standard,diff_v1", help="comma-separated; the first must be standard")
-    p.add_argument("--lm-variants", default="standard",
+    p.add_argument("--lm-variants", default=BASELINE,
                    help="the language models' variants (default: standard, what the rule reads; a DIFF variant adds "
                         "its LM gap per option); must start with standard")
     p.add_argument("--tasks", default="lm,recall", help="comma-separated: lm, recall")
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = (f"--options: unknown {bad}; valid: {', '.join(OPTIONS)}" if bad or not names
                else "--seeds and --lm-seeds must be >= 1" if args.seeds < 1 or (args.lm_seeds or 1) < 1
                else "--variants and --lm-variants must start with standard (the baseline)"
-               if any(not vs or vs[0] != "standard" for vs in (variants, lm_variants))
+               if any(not vs or vs[0] != BASELINE for vs in (variants, lm_variants))
                else f"--tasks: valid: {', '.join(TASKS)}" if not tasks or any(t not in TASKS for t in tasks) else None)
     if problem:
         print(f"init_study: error: {problem}", file=sys.stderr)

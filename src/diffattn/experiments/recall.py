@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..model.loss import lm_loss
+from ..variants import BASELINE
 
 BOS, SEP = 0, 1
 FILLERS = ("noise", "lookalike")
@@ -289,7 +290,7 @@ class RecallStudyOptions:
         """The baseline Transformer of the task (``extra``: other ModelConfig fields, e.g. the study's init)."""
         from ..config import ModelConfig
 
-        return ModelConfig(attention="standard", vocab_size=self.task.vocab_size, d_model=self.d_model,
+        return ModelConfig(attention=BASELINE, vocab_size=self.task.vocab_size, d_model=self.d_model,
                            n_layer=self.n_layer, n_head=self.n_head, head_dim=self.head_dim, ffn_hidden=self.ffn_hidden,
                            max_seq_len=self.task.seq_len, **extra)
 

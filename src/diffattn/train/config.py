@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 from .. import presets
 from ..config import ModelConfig
+from ..variants import BASELINE
 from ..utils.options import parse_set, parse_value, read_toml  # noqa: F401 (parse_value: re-exported)
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -295,7 +296,7 @@ def resolve_model_config(table: Mapping[str, Any], data_vocab_size: int | None =
         table["vocab_size"] = data_vocab_size
     if "preset" in table:
         name = table.pop("preset")
-        attention = table.pop("attention", "standard")
+        attention = table.pop("attention", BASELINE)
         _check_keys("[model]", table, _MODEL_FIELDS)
         if not isinstance(name, str):
             raise ValueError(f"[model].preset must be a string, got {name!r}")
