@@ -2,9 +2,12 @@
 
     python tools/check_layering.py        # prints each violation on one line; exit 1 if any, 0 if none
 
-Rules (every import counts, including those inside functions):
+Rules (every import counts: those inside functions, ``importlib.import_module("diffattn.x")`` / ``__import__``
+calls, and ``"diffattn.x:Name"`` strings that code resolves later):
 
-1. Packages import only from lower layers (or their own unit); units in one layer do not import each other.
+1. Packages import only from lower layers (or their own unit); units in one layer do not import each other; and
+   no two modules import each other, directly or through others (a cycle), even inside one unit: a lazy import
+   hides a cycle from Python, not from a reader.
 2. Command modules (``cli.py``, ``*/cli*.py``, ``generate_cli.py``, ``info.py``, ``__main__.py``) sit above every
    layer and may import anything; library modules never import them, and only ``__main__`` imports ``diffattn.cli``.
 3. No module outside ``model/`` assigns to an attention module's attributes (``<x>.attn.<name> = ...`` or
@@ -15,6 +18,7 @@ Rules (every import counts, including those inside functions):
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -22,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "diffattn"
 
 # Lowest first. A layer is a list of units; a unit is a set of top-level names that may import each other.
 LAYERS: list[list[set[str]]] = [
-    [{"utils", "fsutil", "variants", "config", "presets"}],  # foundation: no model code
+    [{"utils", "fsutil", "_version", "variants", "config", "presets"}],  # foundation: no model code
     [{"model", "checkpoint"}],  # the model math and its weights on disk
     [{"nn"}],  # the drop-in layers: the model's attention classes behind nn.MultiheadAttention's interface
     [{"data"}],  # corpora, tokenizers, shards
@@ -49,9 +53,32 @@ def _unit_of(top: str):
     return None
 
 
+_MODULE = re.compile(r"diffattn(\.[A-Za-z_]\w*)*")
+_MODULE_COLON_NAME = re.compile(r"diffattn(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*")
+
+
+def _dynamic_import(node) -> str | None:
+    """``importlib.import_module("diffattn.x")`` / ``__import__("diffattn.x")``, or a ``"diffattn.x:Name"`` string
+    (what code resolves with import_module later). Module names passed to ``python -m`` or used as logger names are
+    not imports."""
+    if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+        fn = node.func
+        name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+        arg = node.args[0].value
+        if name in ("import_module", "__import__") and isinstance(arg, str) and _MODULE.fullmatch(arg):
+            return arg
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_COLON_NAME.fullmatch(node.value):
+        return node.value.split(":", 1)[0]
+    return None
+
+
 def _imports(path: Path, module: str, is_pkg: bool):
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in ast.walk(tree):
+        dynamic = _dynamic_import(node)
+        if dynamic is not None:
+            yield node.lineno, dynamic
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".") if is_pkg else module.split(".")[:-1]
@@ -124,8 +151,105 @@ def check(root: Path = ROOT) -> list[str]:
     return problems
 
 
+def _module_file(root: Path, name: str) -> str | None:
+    """The file (relative to ``root``) that import ``name`` executes: the module, else the package it names
+    (``from ..eval import TASKS`` -> ``eval/__init__.py``)."""
+    parts = name.split(".")[1:]
+    while True:
+        for rel in ("/".join(parts) + ".py", "/".join(parts + ["__init__.py"])):
+            if parts and (root / rel).is_file() or not parts and rel == "__init__.py":
+                return rel
+        if not parts:
+            return None
+        parts = parts[:-1]
+
+
+def import_graph(root: Path = ROOT) -> dict[str, dict[str, int]]:
+    """module file -> {imported module file: first line}, every import counted (lazy, dynamic, string)."""
+    graph: dict[str, dict[str, int]] = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        parts = rel[:-3].split("/")
+        is_pkg = parts[-1] == "__init__"
+        module = ".".join(["diffattn", *(parts[:-1] if is_pkg else parts)])
+        edges = graph.setdefault(rel, {})
+        for line, name in _imports(path, module, is_pkg):
+            target = _module_file(root, name)
+            if target is not None and target != rel:
+                edges.setdefault(target, line)
+    return graph
+
+
+def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """One cycle (a list of modules, the first repeated at the end) per strongly connected component of more than
+    one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    comps: list[list[str]] = []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph.get(start, {}))))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on.add(start)
+        while work:
+            node, it = work[-1]
+            nxt = next(it, None)
+            if nxt is not None:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on.add(nxt)
+                    work.append((nxt, iter(sorted(graph.get(nxt, {})))))
+                elif nxt in on:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == node:
+                        break
+                if len(comp) > 1:
+                    comps.append(_a_cycle(graph, set(comp)))
+    return comps
+
+
+def _a_cycle(graph, comp: set[str]) -> list[str]:
+    """A shortest cycle through the component's first module (breadth-first)."""
+    first = min(comp)
+    prev = {first: None}
+    queue = [first]
+    while queue:
+        node = queue.pop(0)
+        for nxt in sorted(graph.get(node, {})):
+            if nxt == first:
+                path = [node]
+                while prev[path[-1]] is not None:
+                    path.append(prev[path[-1]])
+                return [*reversed(path), first]
+            if nxt in comp and nxt not in prev:
+                prev[nxt] = node
+                queue.append(nxt)
+    return [first, first]
+
+
+def check_cycles(root: Path = ROOT) -> list[str]:
+    graph = import_graph(root)
+    return [f"import cycle: " + " -> ".join(f"{a}:{graph[a][b]}" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
+            for cycle in cycles(graph)]
+
+
 def main() -> int:
-    problems = check()
+    problems = check() + check_cycles()
     for p in problems:
         print(p)
     print(f"layering: {len(problems)} violation(s)" if problems else "layering: ok")

@@ -6,9 +6,8 @@ under one interface, with training, evaluation and benchmark tooling.
 """
 
 from . import presets, variants
+from ._version import __version__
 from .config import ATTENTION_VARIANTS, KERNELS, ModelConfig
-
-__version__ = "0.1.0"
 
 __all__ = ["ATTENTION_VARIANTS", "KERNELS", "DecoderLM", "KVCache", "ModelConfig", "build_model", "presets",
            "variants", "__version__"]

@@ -15,7 +15,7 @@ import errno
 import importlib
 import sys
 
-from . import __version__
+from ._version import __version__
 from .utils.errors import RunError, UsageError  # noqa: F401  (UsageError: re-exported for users)
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE}

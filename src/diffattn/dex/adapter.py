@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
+from .._version import __version__
 from ..fsutil import atomic_directory, read_json
 from .surgery import (AdapterProjection, DEXOptions, DEXOutputProjection, LoRAOutputProjection, adapter_modules,
                       apply_dex, attention_sites, merge_adapters, model_type_of, set_dex_step)

@@ -210,7 +210,7 @@ class TaskResult:
 
 
 def build_record(result: TaskResult, adapter, tokenizer, options: TaskOptions, elapsed: float) -> dict[str, Any]:
-    from .. import __version__
+    from .._version import __version__
 
     from importlib.metadata import PackageNotFoundError, version
 

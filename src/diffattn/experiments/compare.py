@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..config import ModelConfig
 from ..fsutil import write_text_atomic
 from ..model import build_model

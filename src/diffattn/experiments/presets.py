@@ -12,7 +12,7 @@ A preset file has these tables (every one documented in the shipped files under 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 

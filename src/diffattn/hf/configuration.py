@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from .. import __version__
+from .._version import __version__
 from ..config import ModelConfig
 
 MODEL_TYPE = "diffattn"

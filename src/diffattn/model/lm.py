@@ -255,7 +255,7 @@ class DecoderLM(nn.Module):
         """Write a Hugging Face model directory (config.json + model.safetensors, optionally tokenizer.json),
         atomically: ``AutoModelForCausalLM.from_pretrained`` and ``DecoderLM.from_pretrained`` read it.
         The same as :func:`diffattn.checkpoint.save_model`."""
-        from ..checkpoint import save_model
+        from .pretrained import save_model
 
         return save_model(self, directory, tokenizer_file=tokenizer_file)
 
@@ -264,9 +264,9 @@ class DecoderLM(nn.Module):
         """Load a directory written by :meth:`save_pretrained` or a training checkpoint, with the command line's
         checks (checksums when present, every tensor name and shape against config.json). The same as
         :func:`diffattn.checkpoint.load_model`."""
-        from ..checkpoint import load_model
+        from .pretrained import load_model
 
-        return load_model(directory, device=device, dtype=dtype, kernel=kernel)
+        return load_model(directory, build=cls, device=device, dtype=dtype, kernel=kernel)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """Decode with the KV cache; see :func:`diffattn.model.generate.generate` for options."""

@@ -638,7 +638,7 @@ def _backward(dout, q1, q2, k1, k2, v, lam, out, o2, lse, causal: bool, scale: f
 
 def _generic(q1, q2, k1, k2, v, lam, causal: bool, scale: float) -> torch.Tensor:
     """The same function through PyTorch's SDPA (the fallback): two calls over the 2d-wide value."""
-    from .kernels import sdpa_attention  # kernels imports this module lazily; no cycle at import time
+    from .attend import sdpa_attention
 
     kw = dict(mask=None, is_causal=causal, scale=scale)
     a1, _ = sdpa_attention(q1, k1, v, **kw)

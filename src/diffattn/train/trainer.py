@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..config import ModelConfig
 from ..data.loader import TokenShards, WindowSampler, eval_batches, n_eval_windows
 from ..model import build_model
