@@ -175,6 +175,6 @@ def cli(argv: list[str], monkeypatch) -> int:
     """Run ``diffattn`` with only the eval sub-command registered (others' commands stay out)."""
     import diffattn.cli as c
 
-    monkeypatch.setattr(c, "SUBCOMMANDS", {"eval": "diffattn.eval.cli"})
+    monkeypatch.setattr(c, "SUBCOMMANDS", {"eval": c.SUBCOMMANDS["eval"]})
     return c.main(argv)
 

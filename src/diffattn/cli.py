@@ -55,8 +55,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffattn", description="The differential-attention family of Transformers.")
     parser.add_argument("--version", action="version", version=f"diffattn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, entry in SUBCOMMANDS.items():
-        target, help_ = (entry, None) if isinstance(entry, str) else entry
+    for name, (target, help_) in SUBCOMMANDS.items():
         if command == "*" or name == command:
             module, _, part = target.partition(":")
             mod, pre = importlib.import_module(module), f"{part.upper()}_" if part else ""

@@ -18,6 +18,7 @@ from ..model.attention import build_attention
 from .. import variants
 from ..model.kernels import get_kernel
 from ..model.layers import Rotary
+from ..utils.environment import environment
 from . import common
 from .references import authors_split_value, diffllama_config, use_authors_core
 
@@ -117,7 +118,7 @@ def build_rows(args, shape: common.Shape) -> dict[str, dict]:
 
 
 def run(args) -> int:
-    env = common.environment(args.device)
+    env = environment(args.device)
     results = []
     for t in args.seq_len:
         shape = common.shape_for(args, t)

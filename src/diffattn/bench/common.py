@@ -1,4 +1,5 @@
-"""Shared pieces of ``diffattn bench``: the compared shapes, timing, memory, environment, output.
+"""Shared pieces of ``diffattn bench``: the compared shapes, timing, memory, output (the environment record:
+utils/environment.py).
 
 Timing: every row is warmed up, then timed ``repeats`` times *round-robin* (one repeat of each row,
 then the next), so slow phases of a shared machine hit every row alike; CUDA is synchronised around
@@ -16,15 +17,10 @@ freed tensors go back to the OS and RSS tracks live memory (see train.measure_me
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import os
-import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from .. import presets
 from ..fsutil import write_text_atomic
@@ -84,43 +80,6 @@ def variant_config(shape: Shape, variant: str, kernel: str) -> tuple[ModelConfig
 
 # ---------------------------------------------------------------------------------------------- timing
 # sync, Timing, round_robin: utils/timing.py (experiments/compare.py times with them too)
-
-
-# ---------------------------------------------------------------------------------------------- environment
-def environment(device: str) -> dict:
-    info = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                command="diffattn " + " ".join(sys.argv[1:]) if sys.argv and "diffattn" in Path(sys.argv[0]).name
-                else " ".join(sys.argv),
-                python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
-                cpu=_cpu_name(), cpu_threads=torch.get_num_threads(), device=device)
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if hasattr(os, "getloadavg"):
-        info["load_average_1m"] = round(os.getloadavg()[0], 2)
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..model import KVCache, build_model
+from ..utils.environment import environment
 from . import common
 from .references import diffllama_config, use_authors_core
 from .train import row_specs
@@ -65,7 +66,7 @@ def build_decoder(args, shape: common.Shape, spec: dict):
 
 
 def run(args) -> int:
-    env = common.environment(args.device)
+    env = environment(args.device)
     progress = None if args.quiet else common.log
     results = []
     for t in args.seq_len:

@@ -137,13 +137,6 @@ def plan(dry: bool, out: Path, compare_data: str | None, scratch: Path | None = 
 
 
 # ------------------------------------------------------------------------------------------ section 1
-def _version(mod: str) -> str | None:
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        return None
-
-
 def _tuple(v: str | None) -> tuple[int, ...]:
     out = []
     for part in (v or "0").split("+")[0].split(".")[:2]:
@@ -153,24 +146,13 @@ def _tuple(v: str | None) -> tuple[int, ...]:
 
 
 def environment(dry: bool) -> dict:
-    import platform
-
+    """Section 1: the environment record (utils/environment.py), the dry-run flag, and the problems that stop the
+    check (a package older than :data:`MIN_VERSIONS`, no CUDA GPU on a real run)."""
     import torch
 
-    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
-           "platform": platform.platform(), "cpu_count": os.cpu_count(), "dry_run": dry,
-           "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
-           "transformers": _version("transformers"), "cuda_available": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
-                   gpu_memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}")
-        try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)
-            env["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
-        except (OSError, subprocess.TimeoutExpired):
-            env["driver"] = None
+    from ..utils.environment import environment as environment_record
+
+    env = {**environment_record(), "dry_run": dry}
     problems = [f"{m} {env[m]} < {'.'.join(map(str, v))}" if env[m] else f"{m} missing"
                 for m, v in MIN_VERSIONS.items() if _tuple(env[m]) < v]
     if not dry and not torch.cuda.is_available():

@@ -28,6 +28,7 @@ from .. import variants
 from ..model import build_model
 from ..model.loss import next_token_loss
 from ..model.attention import attention_class
+from ..utils.environment import environment
 from . import common
 from .references import diffllama_config, use_authors_core
 
@@ -160,7 +161,7 @@ def measure_memory(args, shape: common.Shape, name: str, spec: dict, model, step
 
 
 def run(args) -> int:
-    env = common.environment(args.device)
+    env = environment(args.device)
     peak = peak_flops(args)
     progress = None if args.quiet else common.log
     results = []

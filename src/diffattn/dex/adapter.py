@@ -72,13 +72,6 @@ def adapter_state(model: nn.Module, train_mode: str) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().cpu().clone() for k, v in out.items()}
 
 
-def heads_of(model: nn.Module) -> dict[str, list[int]]:
-    out = {}
-    for m in adapter_modules(model):
-        out[str(m.layer_idx)] = list(m.heads) if isinstance(m, DEXOutputProjection) else list(getattr(m, "heads", []))
-    return out
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, options: DEXOptions, heads: dict,
                  train_mode: str, fingerprint: str, step: int, extra: dict | None = None,
                  extra_files: dict[str, Path] | None = None) -> Path:

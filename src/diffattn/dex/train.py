@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from ..model.loss import lm_loss as _lm_loss
 from ..train.metrics import MetricsLog
-from ..train.optim import clip_grad_norm, warmup_cosine_lr
+from ..train.optim import clip_grad_norm
+from ..train.schedule import lr_at as schedule_lr_at
 from ..utils.progress import StepProgress, duration, phase
 
 from .surgery import DEXOutputProjection, adapter_modules, configure_trainable, set_dex_step
@@ -46,8 +47,9 @@ class TrainSettings:
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
-    """Linear warm-up, then cosine to 10 % of the peak: the main trainer's schedule (train/optim.py)."""
-    return warmup_cosine_lr(step, lr=s.lr, warmup_steps=s.warmup_steps, total_steps=s.steps, min_lr=0.1 * s.lr)
+    """Linear warm-up, then cosine to 10 % of the peak (``min_lr`` = 0.1·lr): the main trainer's schedule
+    (train/schedule.py)."""
+    return schedule_lr_at(step, lr=s.lr, warmup_steps=s.warmup_steps, total_steps=s.steps, min_lr=0.1 * s.lr)
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .._version import __version__
 from ..config import ModelConfig
 from ..fsutil import write_text_atomic
 from ..model import build_model
 from ..model.loss import lm_loss
+from ..utils.environment import environment
 from ..utils.runtime import resolve_device
 from .presets import BASELINE, StudyConfig, variant_config
 
@@ -326,21 +325,6 @@ def _memory_child(cfg: dict, seq_len: int, batch: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the study
-def environment() -> dict[str, Any]:
-    env = {"diffattn": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-           "command": "diffattn " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "diffattn" else " ".join(sys.argv)}
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except Exception:  # pragma: no cover
-        pass
-    return env
-
-
 def _check_out(out: Path, study_record: dict) -> None:
     marker = out / STUDY_FILE
     if marker.is_file():

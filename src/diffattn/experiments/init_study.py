@@ -178,10 +178,10 @@ def _pm(xs, fmt: str = ".3f") -> str:
 
 def write_doc(results: dict[str, dict], path: Path, command: str) -> None:
     from ..fsutil import write_text_atomic
-    from .compare import environment as env_of
+    from ..utils.environment import environment
     from .paper import VERDICT_RULE
 
-    env = env_of()
+    env = environment()
     runs = [r for res in results.values() for r in res.values()]
     lm = next((r for r in runs if r["runs"]), None)
     rc = next((r for r in runs if r.get("recall")), None)

@@ -302,10 +302,10 @@ class RecallStudyOptions:
 
 # ---------------------------------------------------------------------------------- train + evaluate
 def _lr_at(step: int, opts: RecallStudyOptions) -> float:
-    if step < opts.warmup_steps:
-        return opts.lr * (step + 1) / opts.warmup_steps
-    progress = (step - opts.warmup_steps) / max(1, opts.steps - opts.warmup_steps)
-    return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    """Warm-up, then cosine to 10 % of the peak, the floor as a ratio of the peak (train/schedule.py)."""
+    from ..train.schedule import lr_at
+
+    return lr_at(step, lr=opts.lr, warmup_steps=opts.warmup_steps, total_steps=opts.steps, min_ratio=0.1)
 
 
 def recall_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,9 @@ from .. import presets
 from ..config import ModelConfig
 from ..variants import BASELINE
 from ..utils.options import parse_set, parse_value, read_toml  # noqa: F401 (parse_value: re-exported)
+from .schedule import SCHEDULES
+from .schedule import lr_at as schedule_lr_at
 
-SCHEDULES = ("cosine", "linear", "constant")
 PARALLEL = ("ddp", "fsdp")
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -201,18 +202,10 @@ class TrainConfig:
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate of 0-based optimizer step ``step``: linear warm-up to ``lr`` over
-        ``warmup_steps`` (step s uses lr·(s+1)/warmup), then ``schedule`` from ``lr`` to ``min_lr``
-        at ``total_steps`` (held at ``min_lr`` beyond it). A pure function of the step: exact resume
-        needs no scheduler object."""
-        if step < self.warmup_steps or self.schedule == "cosine":
-            from .optim import warmup_cosine_lr
-
-            return warmup_cosine_lr(step, lr=self.lr, warmup_steps=self.warmup_steps, total_steps=total_steps,
-                                    min_lr=self.min_lr)
-        if self.schedule == "constant":
-            return self.lr
-        progress = min(1.0, (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
-        return self.lr - (self.lr - self.min_lr) * progress  # linear
+        ``warmup_steps``, then ``schedule`` from ``lr`` to ``min_lr`` at ``total_steps`` (held at ``min_lr``
+        beyond it); train/schedule.py. A pure function of the step: exact resume needs no scheduler object."""
+        return schedule_lr_at(step, lr=self.lr, warmup_steps=self.warmup_steps, total_steps=total_steps,
+                              schedule=self.schedule, min_lr=self.min_lr)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

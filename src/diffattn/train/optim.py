@@ -20,8 +20,6 @@ lands in exactly one group.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -61,15 +59,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; the learning rate is set by the trainer before every step."""
     return torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=(config.beta1, config.beta2),
                              eps=config.eps)
-
-
-def warmup_cosine_lr(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
-    """Learning rate of 0-based step ``step``: linear warm-up to ``lr`` over ``warmup_steps`` (step s uses
-    lr·(s+1)/warmup), then cosine from ``lr`` to ``min_lr`` at ``total_steps`` (held beyond it)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
