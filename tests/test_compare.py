@@ -13,10 +13,7 @@ from diffattn.experiments import compare, report
 from diffattn.experiments.needle_mix import TRAIN_CITIES, TRAIN_NUMBERS, NeedleMixSampler
 from diffattn.experiments.paper import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, verdict
 from diffattn.experiments.presets import SAME_HEADS, load_study
-
-WORDS = ("the river ran past an old mill where children played until evening came and lamps were lit in every "
-         "window of the quiet town while boats drifted slowly toward the harbour beyond hills across fields of "
-         "wheat and barley under a grey sky that promised rain before night fell over the valley").split()
+from helpers import WORDS  # tests/helpers.py
 
 
 @pytest.fixture(scope="module")
