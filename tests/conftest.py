@@ -2,7 +2,7 @@
 
 * ``one_thread`` — tiny models run fastest on one thread (and 2-core CI machines are shared). Modules that
   want it say ``pytestmark = pytest.mark.usefixtures("one_thread")``.
-* ``tiny_corpus`` — the tiny learnable token-shard corpus of test_train.py (module-scoped, built once per module).
+* ``tiny_corpus`` — the tiny learnable token-shard corpus of helpers.make_corpus (module-scoped, built once per module).
 * ``registered_variant`` — registers a test-only attention variant for one test and removes it afterwards.
 """
 
@@ -22,7 +22,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
-    from test_train import make_corpus  # tests/ is on sys.path
+    from helpers import make_corpus  # tests/ is on sys.path
 
     return make_corpus(tmp_path_factory.mktemp("corpus") / "shards")
 

@@ -14,12 +14,9 @@ from diffattn.experiments.needle_mix import TRAIN_CITIES, TRAIN_NUMBERS, NeedleM
 from diffattn.experiments.paper import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, verdict
 from diffattn import variants
 from diffattn.experiments.presets import load_study
+from helpers import WORDS  # tests/helpers.py
 
 SAME_HEADS = variants.get("diff_v2").same_heads.name  # DIFF V2's same-heads control (its registry row)
-
-WORDS = ("the river ran past an old mill where children played until evening came and lamps were lit in every "
-         "window of the quiet town while boats drifted slowly toward the harbour beyond hills across fields of "
-         "wheat and barley under a grey sky that promised rain before night fell over the valley").split()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffattn.eval import DiffattnAdapter, HFAdapter, load
-from test_eval_utils import make_diffattn, make_difflama, make_llama, train_tokenizer
+from helpers import make_diffattn, make_difflama, make_llama, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -10,7 +10,7 @@ import pytest
 from diffattn.cli import UsageError
 from diffattn.eval import NeedleOptions
 from diffattn.eval.common import TaskResult, write_outputs
-from test_eval_utils import cli, make_diffattn, make_llama, train_tokenizer, write_docs
+from helpers import cli, make_diffattn, make_llama, train_tokenizer, write_docs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

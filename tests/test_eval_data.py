@@ -11,7 +11,7 @@ import pytest
 
 from diffattn.eval import datasets as D
 from diffattn.eval.tokenizer import TextTokenizer
-from test_eval_utils import ScriptedAdapter, train_tokenizer, write_icl_jsonl
+from helpers import ScriptedAdapter, train_tokenizer, write_icl_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -18,7 +18,7 @@ from diffattn.eval.adapter import LayerMaps
 from diffattn.eval.outliers import AbsStats
 from diffattn.eval.quant import absmax_quantize
 from diffattn.eval.tokenizer import TextTokenizer
-from test_eval_utils import (SENTENCES, ScriptedAdapter, needle_answers, train_tokenizer, write_docs,
+from helpers import (SENTENCES, ScriptedAdapter, needle_answers, train_tokenizer, write_docs,
                              write_grounded_jsonl, write_icl_jsonl)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

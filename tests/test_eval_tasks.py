@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from test_eval_utils import (cli, make_diffattn, make_difflama, make_llama, train_tokenizer, write_docs,
+from helpers import (cli, make_diffattn, make_difflama, make_llama, train_tokenizer, write_docs,
                              write_grounded_jsonl, write_icl_jsonl)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -16,27 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffattn import ModelConfig, build_model
+from diffattn import build_model
 from diffattn.checkpoint import load_model, own_memory
+from helpers import randomized, tiny  # tests/helpers.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
 ALIGN = 64  # PyTorch's CPU allocator aligns every allocation to 64 bytes (c10 gAlignment)
-
-
-def tiny(attention="diff_v1", **kw):
-    base = dict(attention=attention, vocab_size=97, d_model=32, n_layer=2, n_head=2, max_seq_len=32)
-    return ModelConfig(**{**base, **kw})
-
-
-def randomized(model):
-    """Non-trivial values everywhere (λ vectors and norms included), so a wrong tensor changes the logits."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
-    return model.eval()
 
 
 def misaligned(module):
@@ -84,7 +71,7 @@ def test_hf_import_builds_its_model_in_fresh_memory(tmp_path):
 def test_resumed_trainer_holds_aligned_tensors(tiny_corpus, tmp_path):
     """--resume copies the checkpoint into the model's own parameters and the optimizer's own state."""
     from diffattn.train import Trainer, load_run_file, plan_run
-    from test_train import write_config  # tests/ is on sys.path
+    from helpers import write_config  # tests/ is on sys.path
 
     cfg = write_config(tmp_path / "r.toml", tiny_corpus, tmp_path / "out", max_steps=4, checkpoint_every=2,
                        eval_every=0, log_every=2)
@@ -109,7 +96,7 @@ ROUND_TRIP = textwrap.dedent("""
     from diffattn import ModelConfig, build_model
     from diffattn.checkpoint import load_model, save_model
     from diffattn.model import DecoderLM
-    from test_load_roundtrip import randomized, tiny
+    from helpers import randomized, tiny
     x = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(1))
     for attention in ("standard", "diff_v1", "diff_v2", "shared_diff"):
         core = randomized(build_model(tiny(attention, n_kv_head=1)))

@@ -9,24 +9,7 @@ import pytest
 import torch
 
 from diffattn.data.loader import TokenShards, WindowSampler, eval_batches, n_eval_windows
-
-
-def write_raw_shards(d, train_parts, val_parts, *, vocab_size=300, eos_id=0, dtype="uint16"):
-    """A shard directory written by hand from the contract (several files per split)."""
-    d.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, parts in (("train", train_parts), ("val", val_parts)):
-        entries = []
-        for i, tokens in enumerate(parts):
-            name = f"{split}-{i:05d}.bin"
-            np.asarray(tokens, dtype=np.dtype(dtype).newbyteorder("<")).tofile(d / name)
-            entries.append({"file": name, "tokens": len(tokens), "sha256": "x"})
-        splits[split] = entries
-    index = {"format": "diffattn-shards-v1", "dtype": dtype, "vocab_size": vocab_size, "eos_id": eos_id,
-             "tokenizer": "tokenizer.json", "content_hash": "h", "splits": splits,
-             "documents": {"train": 1, "val": 1}, "sources": []}
-    (d / "index.json").write_text(json.dumps(index))
-    return d
+from helpers import write_raw_shards  # tests/helpers.py
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_eval_utils import SENTENCES, write_docs, write_grounded_jsonl, write_icl_jsonl
+from helpers import SENTENCES, write_docs, write_grounded_jsonl, write_icl_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4  # every README training run, tiny-sized: its final checkpoint is step-000004

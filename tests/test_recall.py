@@ -1,6 +1,6 @@
 """The recall-with-distractors task (experiments/recall.py): generator invariants, determinism, the
 attention shares, a micro recall study through ``diffattn compare`` whose report agrees with its
-results, the seed-paired verdict rule, and the init options' weight statistics."""
+results, the seed-paired verdict rule, the learning curves, steps to competence and the validity gate."""
 
 import json
 import math
@@ -161,7 +161,7 @@ def test_training_is_deterministic_and_learns_something():
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    from test_compare import WORDS
+    from helpers import WORDS
     import random
 
     root = tmp_path_factory.mktemp("corpus")
@@ -276,68 +276,6 @@ def test_paired_verdict_rule_one_seed_and_pairing():
         verdict([1.0, 2.0], [1.0], "higher")
     with pytest.raises(ValueError):
         verdict([1.0], [1.0], "sideways")
-
-
-# ------------------------------------------------------------------------ init options
-def test_init_options_weight_statistics():
-    cfg = presets.get("small", "diff_v1", vocab_size=4096, init="gpt2")
-    torch.manual_seed(0)
-    g = build_model(cfg)  # init="gpt2" with std 0.02
-    assert math.isclose(g.embed.weight.std().item(), 0.02, rel_tol=0.02)
-    assert math.isclose(g.layers[0].attn.q_proj.weight.std().item(), 0.02, rel_tol=0.03)
-    assert math.isclose(g.layers[0].attn.o_proj.weight.std().item(), 0.02 / math.sqrt(2 * cfg.n_layer), rel_tol=0.03)
-    assert math.isclose(g.layers[0].ffn.down.weight.std().item(), 0.02 / math.sqrt(2 * cfg.n_layer), rel_tol=0.03)
-    assert torch.all(g.layers[0].attn.head_norm.weight == 1)
-
-    assert presets.get("small", "diff_v1").init == "scaled"  # the library default (docs/results/init.md)
-    t = build_model(cfg.replace(init="torch"))
-    # nn.Embedding: N(0, 1); nn.Linear: U(±1/√fan_in), std 1/√(3·fan_in)
-    assert math.isclose(t.embed.weight.std().item(), 1.0, rel_tol=0.02)
-    for lin in (t.layers[0].attn.q_proj, t.layers[0].attn.o_proj, t.layers[1].ffn.down, t.lm_head):
-        fan_in = lin.weight.shape[1]
-        assert lin.weight.abs().max().item() <= fan_in ** -0.5
-        assert math.isclose(lin.weight.std().item(), (3 * fan_in) ** -0.5, rel_tol=0.03)
-    # λ vectors N(0, 0.1²) and the per-head gain under both
-    lam = torch.cat([getattr(t.layers[i].attn, n) for i in range(cfg.n_layer)
-                     for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")])
-    assert math.isclose(lam.std().item(), 0.1, rel_tol=0.15)
-    gained = build_model(presets.get("small", "diff_v1", vocab_size=4096, diff_norm_gain_init=0.1))
-    assert all(torch.all(b.attn.head_norm.weight == 0.1) for b in gained.layers)
-    # V2's W_λ follows the scheme too
-    v2 = build_model(presets.get("small", "diff_v2", vocab_size=4096, init="torch"))
-    assert v2.layers[0].attn.lambda_proj.weight.abs().max().item() <= 384 ** -0.5
-
-
-def test_init_option_errors():
-    with pytest.raises(ValueError, match="ModelConfig.init: unknown init 'xavier'"):
-        presets.get("tiny", "standard", init="xavier")
-    with pytest.raises(ValueError, match="diff_norm_gain_init"):
-        presets.get("tiny", "diff_v1", diff_norm_gain_init=0.0)
-    with pytest.raises(ValueError, match="diff_norm_gain_init: applies only with diff_norm_affine"):
-        presets.get("tiny", "diff_v1", diff_norm_affine=False, diff_norm_gain_init=0.5)
-    with pytest.raises(ValueError, match="diff_norm_gain_init: applies only to attention"):
-        presets.get("tiny", "diff_v2", diff_norm_gain_init=0.5)
-
-
-def test_mixed_and_scaled_init_statistics():
-    """`mixed`: PyTorch-default Linears, embedding N(0, init_std²); `scaled`: embedding and untied head N(0, 1/d)."""
-    cfg = presets.get("small", "diff_v1", vocab_size=4096)
-    d = cfg.d_model
-    torch.manual_seed(0)
-    m = build_model(cfg.replace(init="mixed", init_std=0.03))
-    s = build_model(cfg.replace(init="scaled"))
-    assert math.isclose(m.embed.weight.std().item(), 0.03, rel_tol=0.02)
-    assert math.isclose(s.embed.weight.std().item(), d ** -0.5, rel_tol=0.02)
-    assert math.isclose(s.lm_head.weight.std().item(), d ** -0.5, rel_tol=0.02)
-    for model in (m, s):  # every other Linear keeps PyTorch's U(±1/√fan_in), the output head too under `mixed`
-        lins = [model.layers[0].attn.q_proj, model.layers[0].attn.o_proj, model.layers[1].ffn.down]
-        for lin in lins + ([model.lm_head] if model is m else []):
-            fan_in = lin.weight.shape[1]
-            assert lin.weight.abs().max().item() <= fan_in ** -0.5
-            assert math.isclose(lin.weight.std().item(), (3 * fan_in) ** -0.5, rel_tol=0.03)
-        assert torch.all(model.layers[0].attn.head_norm.weight == 1)
-    tied = build_model(cfg.replace(init="scaled", tie_embeddings=True))
-    assert tied.lm_head is None and math.isclose(tied.embed.weight.std().item(), d ** -0.5, rel_tol=0.02)
 
 
 # ------------------------------------------------------------------------ curves, steps to competence, the gate

@@ -26,7 +26,7 @@ from diffattn.train.faults import NAN_ENV, PAUSE_ENV, NumericsGuard, TrainingAla
 from diffattn.train.metrics import read_metrics
 from diffattn.utils.errors import CorruptFileError
 from diffattn.utils.integrity import CHECKSUMS_NAME, verify_checksums
-from test_train import make_corpus, write_config
+from helpers import make_corpus, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -24,7 +24,7 @@ from diffattn.cli import main
 from diffattn.config import ModelConfig
 from diffattn.model import build_model
 from diffattn.train import trainer as trainer_mod
-from test_train import MODEL, TRAIN, VOCAB, make_corpus
+from helpers import MODEL, TRAIN, VOCAB, make_corpus
 
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -216,7 +216,7 @@ def test_one_enormous_line_is_prepared(tmp_path):
 
 # ---------------------------------------------------------------------- token ids out of range
 def test_token_ids_out_of_range_in_shards_are_refused(tmp_path):
-    from test_loader import write_raw_shards
+    from helpers import write_raw_shards
 
     data = tmp_path / "data"
     ids = list(range(2, 60)) * 20

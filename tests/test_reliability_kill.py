@@ -26,7 +26,7 @@ import torch
 from diffattn.train.checkpoint import list_checkpoints, load_checkpoint
 from diffattn.train.faults import PAUSE_ENV
 from diffattn.train.metrics import read_metrics
-from test_train import make_corpus  # the tiny learnable corpus (tests/ is on sys.path)
+from helpers import make_corpus  # the tiny learnable corpus (tests/ is on sys.path)
 
 STEPS, EVERY = 40, 2
 MODEL = {"attention": "diff_v1", "d_model": 32, "n_layer": 2, "n_head": 2, "max_seq_len": 32}

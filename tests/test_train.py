@@ -6,7 +6,6 @@ identical model, graceful stop, and bad input -> exit 2 with one line and nothin
 import json
 import math
 import os
-import random
 import signal
 import shutil
 from pathlib import Path
@@ -22,55 +21,11 @@ from diffattn.train import RECIPES, TrainConfig, Trainer, load_run_file, plan_ru
 from diffattn.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from diffattn.train.metrics import flops_per_token, read_metrics
 from diffattn.train.optim import param_groups
-from test_loader import write_raw_shards  # the shard contract written by hand (tests/ is on sys.path)
+from helpers import MODEL, VOCAB, make_corpus, write_config  # tests/helpers.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
-
-VOCAB = 64  # <eos>=0, <unk>=1, words 2..63
-SUBJECTS, OBJECTS, STOP = range(2, 12), range(22, 42), 63
-
-
-def make_corpus(d: Path, n_train: int = 300, n_val: int = 30, seed: int = 0) -> Path:
-    """A small local corpus with learnable structure, as a shard directory + word-level tokenizer.json.
-
-    Each document is a run of sentences "S V O ." where the verb is determined by the subject
-    (V = S + 10) and the object is random: a model that learns drives its loss well below ln(64)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    rng = random.Random(seed)
-
-    def doc():
-        out = []
-        for _ in range(rng.randint(3, 8)):
-            s = rng.choice(SUBJECTS)
-            out += [s, s + 10, rng.choice(OBJECTS), STOP]
-        return out + [0]  # each document followed by EOS
-
-    train = [t for _ in range(n_train) for t in doc()]
-    val = [t for _ in range(n_val) for t in doc()]
-    write_raw_shards(d, [train], [val], vocab_size=VOCAB, eos_id=0)
-    vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(d / "tokenizer.json"))
-    return d
-
-
-MODEL = {"attention": "diff_v1", "d_model": 32, "n_layer": 2, "n_head": 2, "max_seq_len": 64}
-TRAIN = {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "warmup_steps": 3, "eval_every": 10, "log_every": 5,
-         "checkpoint_every": 10, "eval_tokens": 256, "progress": False}
-
-
-def write_config(path: Path, data_dir: Path, out_dir: Path, model=None, **train) -> Path:
-    def table(name, d):
-        return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
-
-    text = table("model", MODEL if model is None else model) + "\n" + table(
-        "train", {"data": str(data_dir), "out": str(out_dir), **TRAIN, **train})
-    path.write_text(text)
-    return path
 
 
 def cli(capsys, *args):

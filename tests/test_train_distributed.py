@@ -24,7 +24,7 @@ from diffattn.checkpoint import load_model
 from diffattn.train import Trainer, load_run_file, plan_run, train
 from diffattn.train.checkpoint import list_checkpoints, read_train_state
 from diffattn.train.metrics import read_metrics
-from test_train import make_corpus, write_config
+from helpers import make_corpus, write_config
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available in this torch build")

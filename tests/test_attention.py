@@ -1,4 +1,5 @@
-"""Each variant equals a direct transcription of its paper's equations, written here with explicit loops.
+"""The attention variants (src/diffattn/model/attention.py): each variant equals a direct transcription of
+its paper's equations, written here with explicit loops; the λ initialisation schedule and its fp32 storage.
 
 The transcriptions below share no code with the package: rotary, softmax, causal masking, the
 GQA pairing, λ and the per-head norm are written from ../shared/reference/methods.md (§1.2-1.5

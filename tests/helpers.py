@@ -1,6 +1,15 @@
-"""Helpers for the evaluation tests (no tests here): a tiny tokenizer trained on the spot, tiny
-random diffattn / Hugging Face models saved to temporary directories, small local datasets, and
-scripted mock adapters with known behaviour. Nothing touches the network."""
+"""Shared helpers of the tests (no tests here). Test modules import them with ``from helpers import ...``:
+pytest's default ("prepend") import mode puts tests/ (it has no __init__.py) on sys.path, as it does for
+conftest.py; the subprocess of test_load_roundtrip.py runs in tests/.
+No test module imports another one. Nothing here touches the network.
+
+* shard directories and the tiny learnable training corpus: ``write_raw_shards`` (the shard contract written
+  by hand), ``make_corpus``, ``write_config`` and its ``MODEL`` / ``TRAIN`` tables, ``VOCAB``;
+* ``WORDS``, a word list for small local text corpora;
+* ``tiny`` / ``randomized``: a tiny ModelConfig and non-trivial weights for checkpoint round trips;
+* evaluation: a tiny tokenizer trained on the spot, tiny random diffattn / Hugging Face models saved to
+  temporary directories, small local datasets, and scripted mock adapters with known behaviour.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +18,99 @@ import random
 import re
 from pathlib import Path
 
-import pytest
+import numpy as np
 import torch
 
+from diffattn import ModelConfig
 from diffattn.eval.adapter import ModelAdapter
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+# ------------------------------------------------------------------------ shards and the tiny training corpus
+def write_raw_shards(d, train_parts, val_parts, *, vocab_size=300, eos_id=0, dtype="uint16"):
+    """A shard directory written by hand from the contract (several files per split)."""
+    d.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, parts in (("train", train_parts), ("val", val_parts)):
+        entries = []
+        for i, tokens in enumerate(parts):
+            name = f"{split}-{i:05d}.bin"
+            np.asarray(tokens, dtype=np.dtype(dtype).newbyteorder("<")).tofile(d / name)
+            entries.append({"file": name, "tokens": len(tokens), "sha256": "x"})
+        splits[split] = entries
+    index = {"format": "diffattn-shards-v1", "dtype": dtype, "vocab_size": vocab_size, "eos_id": eos_id,
+             "tokenizer": "tokenizer.json", "content_hash": "h", "splits": splits,
+             "documents": {"train": 1, "val": 1}, "sources": []}
+    (d / "index.json").write_text(json.dumps(index))
+    return d
 
+
+VOCAB = 64  # <eos>=0, <unk>=1, words 2..63
+SUBJECTS, OBJECTS, STOP = range(2, 12), range(22, 42), 63
+
+
+def make_corpus(d: Path, n_train: int = 300, n_val: int = 30, seed: int = 0) -> Path:
+    """A small local corpus with learnable structure, as a shard directory + word-level tokenizer.json.
+
+    Each document is a run of sentences "S V O ." where the verb is determined by the subject
+    (V = S + 10) and the object is random: a model that learns drives its loss well below ln(64)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    rng = random.Random(seed)
+
+    def doc():
+        out = []
+        for _ in range(rng.randint(3, 8)):
+            s = rng.choice(SUBJECTS)
+            out += [s, s + 10, rng.choice(OBJECTS), STOP]
+        return out + [0]  # each document followed by EOS
+
+    train = [t for _ in range(n_train) for t in doc()]
+    val = [t for _ in range(n_val) for t in doc()]
+    write_raw_shards(d, [train], [val], vocab_size=VOCAB, eos_id=0)
+    vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+MODEL = {"attention": "diff_v1", "d_model": 32, "n_layer": 2, "n_head": 2, "max_seq_len": 64}
+TRAIN = {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "warmup_steps": 3, "eval_every": 10, "log_every": 5,
+         "checkpoint_every": 10, "eval_tokens": 256, "progress": False}
+
+
+def write_config(path: Path, data_dir: Path, out_dir: Path, model=None, **train) -> Path:
+    def table(name, d):
+        return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
+
+    text = table("model", MODEL if model is None else model) + "\n" + table(
+        "train", {"data": str(data_dir), "out": str(out_dir), **TRAIN, **train})
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------ local text corpora
+WORDS = ("the river ran past an old mill where children played until evening came and lamps were lit in every "
+         "window of the quiet town while boats drifted slowly toward the harbour beyond hills across fields of "
+         "wheat and barley under a grey sky that promised rain before night fell over the valley").split()
+
+
+# ------------------------------------------------------------------------ checkpoint round trips
+def tiny(attention="diff_v1", **kw):
+    base = dict(attention=attention, vocab_size=97, d_model=32, n_layer=2, n_head=2, max_seq_len=32)
+    return ModelConfig(**{**base, **kw})
+
+
+def randomized(model):
+    """Non-trivial values everywhere (λ vectors and norms included), so a wrong tensor changes the logits."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------ evaluation
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
     "Paris is the capital of France and London is the capital of England.",
@@ -177,4 +271,3 @@ def cli(argv: list[str], monkeypatch) -> int:
 
     monkeypatch.setattr(c, "SUBCOMMANDS", {"eval": c.SUBCOMMANDS["eval"]})
     return c.main(argv)
-

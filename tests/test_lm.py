@@ -1,7 +1,13 @@
-"""KV-cache decoding equals the full forward pass; batched, left-padded generation equals unbatched."""
+"""The decoder LM (src/diffattn/model/lm.py, cache.py, generate.py): gradients reach every parameter of every
+variant and a tiny model of each variant overfits a fixed batch; the init options' weight statistics; KV-cache
+decoding equals the full forward pass; batched, left-padded generation equals unbatched; sampling; bad inputs and
+cache misuse raise clear errors."""
+
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffattn import ATTENTION_VARIANTS, KVCache, ModelConfig, build_model, presets
 from diffattn.model.cache import CacheError
@@ -16,6 +22,38 @@ def tiny(attention, kernel="sdpa", **kw):
     return build_model(cfg).eval()
 
 
+# ------------------------------------------------------------------------ training signal
+@pytest.mark.parametrize("attention", ATTENTION_VARIANTS)
+def test_every_parameter_gets_a_gradient(attention):
+    torch.manual_seed(0)
+    # with the LoRA-style init (B = 0) A's gradient is exactly zero at step 0, as in LoRA
+    kw = {"shared_init": "random"} if attention == "shared_diff" else {}
+    model = build_model(presets.get("tiny", attention, n_layer=2, **kw))
+    ids = torch.randint(0, 512, (2, 12))
+    F.cross_entropy(model(ids).flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("attention", ATTENTION_VARIANTS)
+def test_tiny_model_overfits_a_fixed_batch(attention):
+    torch.manual_seed(0)
+    model = build_model(presets.get("tiny", attention, vocab_size=64, max_seq_len=32))
+    ids = torch.randint(0, 64, (4, 33))
+    x, y = ids[:, :-1], ids[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(400):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        if loss.item() < 0.1:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1, f"{attention}: loss {loss.item():.3f} after {step + 1} steps"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------ KV cache and generation
 @pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize("attention", ATTENTION_VARIANTS)
 def test_token_by_token_equals_full_forward(attention, kernel):
@@ -154,3 +192,69 @@ def test_bad_inputs_raise_clear_errors():
         build_model({"attention": "standard"})
     with pytest.raises(ValueError, match="ModelConfig.kernel: unknown kernel 'flash'"):
         ModelConfig(attention="standard", vocab_size=8, d_model=8, n_layer=1, n_head=2, kernel="flash")
+
+
+# ------------------------------------------------------------------------ init options (ModelConfig.init)
+# last in the module: the module-scoped one_thread fixture stays on until the module ends
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_init_options_weight_statistics():
+    cfg = presets.get("small", "diff_v1", vocab_size=4096, init="gpt2")
+    torch.manual_seed(0)
+    g = build_model(cfg)  # init="gpt2" with std 0.02
+    assert math.isclose(g.embed.weight.std().item(), 0.02, rel_tol=0.02)
+    assert math.isclose(g.layers[0].attn.q_proj.weight.std().item(), 0.02, rel_tol=0.03)
+    assert math.isclose(g.layers[0].attn.o_proj.weight.std().item(), 0.02 / math.sqrt(2 * cfg.n_layer), rel_tol=0.03)
+    assert math.isclose(g.layers[0].ffn.down.weight.std().item(), 0.02 / math.sqrt(2 * cfg.n_layer), rel_tol=0.03)
+    assert torch.all(g.layers[0].attn.head_norm.weight == 1)
+
+    assert presets.get("small", "diff_v1").init == "scaled"  # the library default (docs/results/init.md)
+    t = build_model(cfg.replace(init="torch"))
+    # nn.Embedding: N(0, 1); nn.Linear: U(±1/√fan_in), std 1/√(3·fan_in)
+    assert math.isclose(t.embed.weight.std().item(), 1.0, rel_tol=0.02)
+    for lin in (t.layers[0].attn.q_proj, t.layers[0].attn.o_proj, t.layers[1].ffn.down, t.lm_head):
+        fan_in = lin.weight.shape[1]
+        assert lin.weight.abs().max().item() <= fan_in ** -0.5
+        assert math.isclose(lin.weight.std().item(), (3 * fan_in) ** -0.5, rel_tol=0.03)
+    # λ vectors N(0, 0.1²) and the per-head gain under both
+    lam = torch.cat([getattr(t.layers[i].attn, n) for i in range(cfg.n_layer)
+                     for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")])
+    assert math.isclose(lam.std().item(), 0.1, rel_tol=0.15)
+    gained = build_model(presets.get("small", "diff_v1", vocab_size=4096, diff_norm_gain_init=0.1))
+    assert all(torch.all(b.attn.head_norm.weight == 0.1) for b in gained.layers)
+    # V2's W_λ follows the scheme too
+    v2 = build_model(presets.get("small", "diff_v2", vocab_size=4096, init="torch"))
+    assert v2.layers[0].attn.lambda_proj.weight.abs().max().item() <= 384 ** -0.5
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_init_option_errors():
+    with pytest.raises(ValueError, match="ModelConfig.init: unknown init 'xavier'"):
+        presets.get("tiny", "standard", init="xavier")
+    with pytest.raises(ValueError, match="diff_norm_gain_init"):
+        presets.get("tiny", "diff_v1", diff_norm_gain_init=0.0)
+    with pytest.raises(ValueError, match="diff_norm_gain_init: applies only with diff_norm_affine"):
+        presets.get("tiny", "diff_v1", diff_norm_affine=False, diff_norm_gain_init=0.5)
+    with pytest.raises(ValueError, match="diff_norm_gain_init: applies only to attention"):
+        presets.get("tiny", "diff_v2", diff_norm_gain_init=0.5)
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_mixed_and_scaled_init_statistics():
+    """`mixed`: PyTorch-default Linears, embedding N(0, init_std²); `scaled`: embedding and untied head N(0, 1/d)."""
+    cfg = presets.get("small", "diff_v1", vocab_size=4096)
+    d = cfg.d_model
+    torch.manual_seed(0)
+    m = build_model(cfg.replace(init="mixed", init_std=0.03))
+    s = build_model(cfg.replace(init="scaled"))
+    assert math.isclose(m.embed.weight.std().item(), 0.03, rel_tol=0.02)
+    assert math.isclose(s.embed.weight.std().item(), d ** -0.5, rel_tol=0.02)
+    assert math.isclose(s.lm_head.weight.std().item(), d ** -0.5, rel_tol=0.02)
+    for model in (m, s):  # every other Linear keeps PyTorch's U(±1/√fan_in), the output head too under `mixed`
+        lins = [model.layers[0].attn.q_proj, model.layers[0].attn.o_proj, model.layers[1].ffn.down]
+        for lin in lins + ([model.lm_head] if model is m else []):
+            fan_in = lin.weight.shape[1]
+            assert lin.weight.abs().max().item() <= fan_in ** -0.5
+            assert math.isclose(lin.weight.std().item(), (3 * fan_in) ** -0.5, rel_tol=0.03)
+        assert torch.all(model.layers[0].attn.head_norm.weight == 1)
+    tied = build_model(cfg.replace(init="scaled", tie_embeddings=True))
+    assert tied.lm_head is None and math.isclose(tied.embed.weight.std().item(), d ** -0.5, rel_tol=0.02)
