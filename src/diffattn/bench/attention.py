@@ -40,12 +40,22 @@ def _fwd(fn):
 
 
 def build_rows(args, shape: common.Shape) -> dict[str, dict]:
-    """name -> dict(scope, variant, impl, fwd=callable, fwd_bwd=callable, matched)."""
+    """name -> dict(scope, variant, impl, fwd=callable, fwd_bwd=callable, matched): the ``layer`` rows, then the
+    ``core`` rows, their inputs drawn in that order from one seeded generator."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g).to(args.device, args.torch_dtype)  # noqa: E731
+    rows: dict[str, dict] = {}
+    cfgs, v1 = _layer_rows(args, shape, rand, rows)
+    _core_rows(args, shape, rand, cfgs, v1, rows)
+    return rows
+
+
+def _layer_rows(args, shape: common.Shape, rand, rows: dict[str, dict]):
+    """Add the ``layer`` rows: every variant's attention module from hidden states and, with ``--references``, DIFF
+    V1 with the authors' split-value core and transformers' DiffLlamaAttention. Returns the variants' configs and
+    DIFF V1's."""
     dev, dt = args.device, args.torch_dtype
     b, t = shape.batch, shape.seq_len
-    g = torch.Generator(device="cpu").manual_seed(0)
-    rand = lambda *s: torch.randn(*s, generator=g).to(dev, dt)  # noqa: E731
-    rows: dict[str, dict] = {}
     x = rand(b, t, shape.d_model).requires_grad_()
     positions = torch.arange(t, device=dev)[None].expand(b, t)
 
@@ -81,7 +91,14 @@ def build_rows(args, shape: common.Shape) -> dict[str, dict]:
         add_layer("DiffLlamaAttention [transformers sdpa]", "diff_v1", "transformers DiffLlama (2 SDPA calls)", hf,
                   lambda a=hf: a(x, (cos, sin), None)[0], "parameters")
 
-    # --- core: attention alone, (B, heads, T, d) inputs
+    return cfgs, v1
+
+
+def _core_rows(args, shape: common.Shape, rand, cfgs: dict, v1, rows: dict[str, dict]) -> None:
+    """Add the ``core`` rows, softmax(QKᵀ)V alone on (B, heads, T, d) inputs: the baseline's one SDPA call, DIFF V1's
+    core as the chosen kernel computes it, the authors' split-value core, DIFF V2's one GQA call."""
+    dev = args.device
+    b, t = shape.batch, shape.seq_len
     h2, kv2, d = shape.n_head, shape.n_kv_head, shape.head_dim
     scale = d ** -0.5
     kernel = get_kernel(args.kernel)
@@ -114,7 +131,6 @@ def build_rows(args, shape: common.Shape) -> dict[str, dict]:
         rows["diff_v2 core [sdpa GQA]"] = dict(scope="core", variant="diff_v2", impl="one GQA SDPA call",
                                                matched=common.variant_config(shape, "diff_v2", "sdpa")[1],
                                                fwd=_fwd(v2_call), fwd_bwd=_fwd_bwd(v2_call, qv2))
-    return rows
 
 
 def run(args) -> int:

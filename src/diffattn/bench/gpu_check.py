@@ -70,6 +70,65 @@ def _bench(kind: str, out: str, *args: str) -> list[str]:
 DEX_ARMS = ("dex", "linear", "lora", "dex-quoted")
 
 
+@dataclass
+class _Flags:
+    """What differs between the dry run and the real one: the flags of each section's commands, the sections'
+    time caps, and the DEX section's commands."""
+    dev: list[str]          # device, dtype and kernel of every benchmark
+    att: list[str]          # bench attention
+    trn: list[str]          # bench train (eager)
+    trn_compile: list[str]  # bench train (torch.compile)
+    dec: list[str]          # bench generate
+    cmp: list[str]          # compare
+    caps: dict[str, int]
+    dex: list[list[str]]
+
+
+def _dry_flags(x) -> _Flags:
+    """CPU, tiny shapes, the Triton interpreter; the DEX section on a tiny base it builds itself."""
+    trn = ["--seq-len", "64", "--batch", "2", "--d-model", "64", "--n-head", "4", "--n-layer", "2",
+           "--vocab-size", "256", "--repeats", "2", "--warmup", "1", "--no-memory"]
+    tiny = x("dex-tiny")
+    return _Flags(
+        dev=["--device", "cpu", "--dtype", "fp32", "--kernel", "sdpa"],
+        att=["--seq-len", "64", "128", "--d-model", "64", "--n-head", "4", "--head-dim", "16", "--repeats", "2",
+             "--warmup", "1"],
+        trn=trn, trn_compile=trn + ["--compile", "--variants", "diff_v1", "--no-references"],
+        dec=["--seq-len", "32", "--batch", "1", "4", "--new-tokens", "4", "--d-model", "64", "--n-head", "4",
+             "--n-layer", "2", "--vocab-size", "256", "--repeats", "1", "--warmup", "1"],
+        cmp=["--preset", "micro", "--set", 'study.tasks=["recall"]', "--set", "recall.seeds=1",
+             "--variants", "standard,diff_v1"],
+        caps=dict(env=60, correctness=240, attention=60, train=150, decode=60, compare=120, dex=150),
+        dex=[_py("-m", "diffattn.bench.gpu_check", "--make-tiny-base", tiny),
+             _py("-m", "diffattn.dex.study", "--out", x("dex"), "--base", f"{tiny}/base", "--text",
+                 f"{tiny}/text.txt", "--arms", "dex", "linear", "--seeds", "1", "--steps", "4", "--batch-size", "2",
+                 "--seq-len", "128", "--val-tokens", "128", "--evals", "ppl",
+                 "--device", "cpu")])
+
+
+def _gpu_flags(x, dex_base: str | None, dex_data: str | None) -> _Flags:
+    """One CUDA GPU in bf16 with the fused kernel, the gpu-medium shapes; the DEX section only with ``dex_base``."""
+    trn = ["--seq-len", "2048", "--batch", "8", "--d-model", str(MEDIUM["d_model"]), "--n-head",
+           str(MEDIUM["n_head"]), "--n-layer", str(MEDIUM["n_layer"]), "--vocab-size", str(MEDIUM["vocab_size"]),
+           "--repeats", "5", "--warmup", "2"]
+    return _Flags(
+        dev=["--device", "cuda", "--dtype", "bf16", "--kernel", "triton"],
+        att=["--seq-len", "2048", "4096", "8192", "--d-model", "2048", "--n-head", "16", "--head-dim", "128",
+             "--repeats", "10", "--warmup", "3"],
+        trn=trn, trn_compile=trn + ["--compile", "--no-references"],
+        dec=["--seq-len", "2048", "--batch", "1", "16", "--new-tokens", "64", "--d-model", str(MEDIUM["d_model"]),
+             "--n-head", str(MEDIUM["n_head"]), "--n-layer", str(MEDIUM["n_layer"]), "--vocab-size",
+             str(MEDIUM["vocab_size"]), "--repeats", "3", "--warmup", "1"],
+        cmp=["--preset", "gpu-small", "--set", "train.max_steps=150", "--set", "train.warmup_steps=15",
+             "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--set", "study.bench_repeats=3",
+             "--set", 'study.tasks=["ppl","outliers","lambda"]', "--set", "needle_mix.share=0",
+             "--variants", "standard,diff_v1,diff_v2"],
+        caps=dict(env=30, correctness=150, attention=90, train=150, decode=90, compare=240, dex=570),
+        dex=[_py("-m", "diffattn.dex.study", "--out", x("dex"), "--base", dex_base, "--preset", "gpu", "--seeds", "1",
+                 "--arms", *DEX_ARMS, "--evals", "ppl", "needle", *(["--data", dex_data] if dex_data else []))
+             ] if dex_base else [])
+
+
 def plan(dry: bool, out: Path, compare_data: str | None, scratch: Path | None = None,
          dex_base: str | None = None, dex_data: str | None = None) -> list[Section]:
     """The sections, dry (CPU, tiny shapes, Triton interpreter) or real (one CUDA GPU). ``scratch``: a
@@ -78,45 +137,9 @@ def plan(dry: bool, out: Path, compare_data: str | None, scratch: Path | None = 
     o = lambda f: str(out / f)  # noqa: E731
     scratch = scratch or out
     x = lambda f: str(scratch / f)  # noqa: E731
-    if dry:
-        dev = ["--device", "cpu", "--dtype", "fp32", "--kernel", "sdpa"]
-        att = ["--seq-len", "64", "128", "--d-model", "64", "--n-head", "4", "--head-dim", "16", "--repeats", "2",
-               "--warmup", "1"]
-        trn = ["--seq-len", "64", "--batch", "2", "--d-model", "64", "--n-head", "4", "--n-layer", "2",
-               "--vocab-size", "256", "--repeats", "2", "--warmup", "1", "--no-memory"]
-        trn_compile = trn + ["--compile", "--variants", "diff_v1", "--no-references"]
-        dec = ["--seq-len", "32", "--batch", "1", "4", "--new-tokens", "4", "--d-model", "64", "--n-head", "4",
-               "--n-layer", "2", "--vocab-size", "256", "--repeats", "1", "--warmup", "1"]
-        cmp = ["--preset", "micro", "--set", 'study.tasks=["recall"]', "--set", "recall.seeds=1",
-               "--variants", "standard,diff_v1"]
-        caps = dict(env=60, correctness=240, attention=60, train=150, decode=60, compare=120, dex=150)
-        tiny = x("dex-tiny")
-        dex = [_py("-m", "diffattn.bench.gpu_check", "--make-tiny-base", tiny),
-               _py("-m", "diffattn.dex.study", "--out", x("dex"), "--base", f"{tiny}/base", "--text",
-                   f"{tiny}/text.txt", "--arms", "dex", "linear", "--seeds", "1", "--steps", "4", "--batch-size", "2",
-                   "--seq-len", "128", "--val-tokens", "128", "--evals", "ppl",
-                   "--device", "cpu")]
-    else:
-        dev = ["--device", "cuda", "--dtype", "bf16", "--kernel", "triton"]
-        att = ["--seq-len", "2048", "4096", "8192", "--d-model", "2048", "--n-head", "16", "--head-dim", "128",
-               "--repeats", "10", "--warmup", "3"]
-        trn = ["--seq-len", "2048", "--batch", "8", "--d-model", str(MEDIUM["d_model"]), "--n-head",
-               str(MEDIUM["n_head"]), "--n-layer", str(MEDIUM["n_layer"]), "--vocab-size", str(MEDIUM["vocab_size"]),
-               "--repeats", "5", "--warmup", "2"]
-        trn_compile = trn + ["--compile", "--no-references"]
-        dec = ["--seq-len", "2048", "--batch", "1", "16", "--new-tokens", "64", "--d-model", str(MEDIUM["d_model"]),
-               "--n-head", str(MEDIUM["n_head"]), "--n-layer", str(MEDIUM["n_layer"]), "--vocab-size",
-               str(MEDIUM["vocab_size"]), "--repeats", "3", "--warmup", "1"]
-        cmp = ["--preset", "gpu-small", "--set", "train.max_steps=150", "--set", "train.warmup_steps=15",
-               "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--set", "study.bench_repeats=3",
-               "--set", 'study.tasks=["ppl","outliers","lambda"]', "--set", "needle_mix.share=0",
-               "--variants", "standard,diff_v1,diff_v2"]
-        caps = dict(env=30, correctness=150, attention=90, train=150, decode=90, compare=240, dex=570)
-        dex = [_py("-m", "diffattn.dex.study", "--out", x("dex"), "--base", dex_base, "--preset", "gpu", "--seeds", "1",
-                   "--arms", *DEX_ARMS, "--evals", "ppl", "needle", *(["--data", dex_data] if dex_data else []))
-               ] if dex_base else []
-    if compare_data:
-        cmp += ["--data", compare_data]
+    f = _dry_flags(x) if dry else _gpu_flags(x, dex_base, dex_data)
+    dev, caps = f.dev, f.caps
+    cmp = f.cmp + (["--data", compare_data] if compare_data else [])
     interp = {"TRITON_INTERPRET": "1"} if dry else {}
     cdir = x("compare")
     return [
@@ -125,14 +148,16 @@ def plan(dry: bool, out: Path, compare_data: str | None, scratch: Path | None = 
         Section("correctness", "2_correctness.json", caps["correctness"],
                 [_py("-m", "diffattn.bench.gpu_correctness", o("2_correctness.json")) + (["--dry-run"] if dry else [])],
                 env=interp),
-        Section("attention", "3_attention.json", caps["attention"], [_bench("attention", o("3_attention.json"), *dev, *att)]),
+        Section("attention", "3_attention.json", caps["attention"],
+                [_bench("attention", o("3_attention.json"), *dev, *f.att)]),
         Section("train", "4_train.json", caps["train"],
-                [_bench("train", x("4_eager.json"), *dev, *trn), _bench("train", x("4_compile.json"), *dev, *trn_compile)],
+                [_bench("train", x("4_eager.json"), *dev, *f.trn),
+                 _bench("train", x("4_compile.json"), *dev, *f.trn_compile)],
                 merge=["eager", "compile"]),
-        Section("decode", "5_decode.json", caps["decode"], [_bench("generate", o("5_decode.json"), *dev, *dec)]),
+        Section("decode", "5_decode.json", caps["decode"], [_bench("generate", o("5_decode.json"), *dev, *f.dec)]),
         Section("compare", "6_compare.json", caps["compare"],
                 [_py("-m", "diffattn.cli", "compare", *cmp, "--out", cdir, "--quiet")]),
-        Section("dex", "7_dex.json", caps["dex"], dex),
+        Section("dex", "7_dex.json", caps["dex"], f.dex),
     ]
 
 

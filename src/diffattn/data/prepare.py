@@ -68,10 +68,8 @@ def _encode(tok, docs: list[C.Document], batch: int = 512) -> list:
     return out
 
 
-def prepare(opts: PrepareOptions, log: Callable[[str], None] = print,
-            warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr)) -> dict:
-    """Run the pipeline; returns a summary dict (``"up_to_date": True`` when nothing was done)."""
-    t0 = time.perf_counter()
+def _check_options(opts: PrepareOptions) -> tuple[T.TokenizerSpec, Path]:
+    """The tokenizer spec and the output folder, after every cheap check (nothing is read or written yet)."""
     spec = T.parse_spec(opts.tokenizer)
     if not 0.0 <= opts.val_fraction < 1.0:
         raise ValueError(f"--val-fraction {opts.val_fraction}: must be in [0, 1)")
@@ -82,7 +80,60 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = print,
     out = Path(opts.out)
     _check_out(out)
     C.check_specs(opts.corpus)
+    return spec, out
 
+
+def _count_sources(infos: dict, train: list[C.Document], val: list[C.Document], train_ids: list, val_ids: list,
+                   dropped: dict[str, int]) -> list[dict]:
+    """Add each document's bytes and tokens (and the duplicates dropped) to its source's record; the records."""
+    for split, ds, ids in (("train", train, train_ids), ("val", val, val_ids)):
+        for d, a in zip(ds, ids):
+            info = infos[d.source]
+            info.documents += 1
+            info.bytes += len(d.text.encode("utf-8"))
+            info.tokens += int(a.size)
+            setattr(info, f"documents_{split}", getattr(info, f"documents_{split}") + 1)
+    for name, n in dropped.items():
+        infos[name].duplicates = n
+    return [i.to_dict() for i in infos.values()]
+
+
+def _write(out: Path, opts: PrepareOptions, key: str, tok, eos: str, eos_id: int, vocab_size: int, train_ids: list,
+           val_ids: list, source_list: list[dict]) -> tuple[dict, dict]:
+    """Write the shards, tokenizer.json, index.json and manifest.json atomically; the index and the manifest."""
+    manifest = {"format": SH.FORMAT, "content_hash": key, "tokenizer": opts.tokenizer, "vocab_size": vocab_size,
+                "eos_token": eos, "val_fraction": opts.val_fraction, "seed": opts.seed,
+                "note": "tokens exclude the EOS after each document; bytes are UTF-8 of the normalised text",
+                "sources": source_list}
+    index = SH.write_shards(out, train_ids, val_ids, tok, vocab_size=vocab_size, eos_id=eos_id,
+                            shard_tokens=opts.shard_tokens, content_hash=key,
+                            sources=[{k: s[k] for k in ("name", "kind", "licence", "documents", "tokens")}
+                                     for s in source_list],
+                            extra={"tokenizer_spec": opts.tokenizer, "eos_token": eos,
+                                   "val_fraction": opts.val_fraction, "seed": opts.seed},
+                            extra_files={"manifest.json": json.dumps(manifest, indent=1) + "\n"}, overwrite=True)
+    return index, manifest
+
+
+def _log_sources(log: Callable[[str], None], source_list: list[dict], n_docs: int, n_train: int, n_val: int,
+                 dropped: dict[str, int]) -> None:
+    """One table line per source and a total (documents, bytes, tokens), and the duplicates dropped."""
+    log(f"{'source':<24} {'docs':>7} {'train':>7} {'val':>6} {'bytes':>12} {'tokens':>11}")
+    for s in source_list:
+        label = s["name"] if len(s["name"]) <= 24 else "..." + s["name"][-21:]
+        log(f"{label:<24} {s['documents']:>7,} {s['documents_train']:>7,} {s['documents_val']:>6,} "
+            f"{s['bytes']:>12,} {s['tokens']:>11,}")
+    log(f"{'total':<24} {n_docs:>7,} {n_train:>7,} {n_val:>6,} {sum(s['bytes'] for s in source_list):>12,} "
+        f"{sum(s['tokens'] for s in source_list):>11,}")
+    if dropped:
+        log(f"dropped {sum(dropped.values())} duplicate document(s)")
+
+
+def prepare(opts: PrepareOptions, log: Callable[[str], None] = print,
+            warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr)) -> dict:
+    """Run the pipeline; returns a summary dict (``"up_to_date": True`` when nothing was done)."""
+    t0 = time.perf_counter()
+    spec, out = _check_options(opts)
     docs, infos = C.collect(opts.corpus, opts.text_field, warn=warn)
     if not docs:
         raise ValueError(f"the corpus is empty: no document with text in {' '.join(opts.corpus)}")
@@ -106,39 +157,11 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = print,
     t_enc = time.perf_counter()
     train_ids, val_ids = _encode(tok, train), _encode(tok, val)
     t_write = time.perf_counter()
-
-    for split, ds, ids in (("train", train, train_ids), ("val", val, val_ids)):
-        for d, a in zip(ds, ids):
-            info = infos[d.source]
-            info.documents += 1
-            info.bytes += len(d.text.encode("utf-8"))
-            info.tokens += int(a.size)
-            setattr(info, f"documents_{split}", getattr(info, f"documents_{split}") + 1)
-    for name, n in dropped.items():
-        infos[name].duplicates = n
-    source_list = [i.to_dict() for i in infos.values()]
-    manifest = {"format": SH.FORMAT, "content_hash": key, "tokenizer": opts.tokenizer, "vocab_size": vocab_size,
-                "eos_token": eos, "val_fraction": opts.val_fraction, "seed": opts.seed,
-                "note": "tokens exclude the EOS after each document; bytes are UTF-8 of the normalised text",
-                "sources": source_list}
-    index = SH.write_shards(out, train_ids, val_ids, tok, vocab_size=vocab_size, eos_id=eos_id,
-                            shard_tokens=opts.shard_tokens, content_hash=key,
-                            sources=[{k: s[k] for k in ("name", "kind", "licence", "documents", "tokens")}
-                                     for s in source_list],
-                            extra={"tokenizer_spec": opts.tokenizer, "eos_token": eos,
-                                   "val_fraction": opts.val_fraction, "seed": opts.seed},
-                            extra_files={"manifest.json": json.dumps(manifest, indent=1) + "\n"}, overwrite=True)
+    source_list = _count_sources(infos, train, val, train_ids, val_ids, dropped)
+    index, manifest = _write(out, opts, key, tok, eos, eos_id, vocab_size, train_ids, val_ids, source_list)
     t_end = time.perf_counter()
 
-    log(f"{'source':<24} {'docs':>7} {'train':>7} {'val':>6} {'bytes':>12} {'tokens':>11}")
-    for s in source_list:
-        label = s["name"] if len(s["name"]) <= 24 else "..." + s["name"][-21:]
-        log(f"{label:<24} {s['documents']:>7,} {s['documents_train']:>7,} {s['documents_val']:>6,} "
-            f"{s['bytes']:>12,} {s['tokens']:>11,}")
-    log(f"{'total':<24} {len(docs):>7,} {len(train):>7,} {len(val):>6,} {sum(s['bytes'] for s in source_list):>12,} "
-        f"{sum(s['tokens'] for s in source_list):>11,}")
-    if dropped:
-        log(f"dropped {sum(dropped.values())} duplicate document(s)")
+    _log_sources(log, source_list, len(docs), len(train), len(val), dropped)
     log(f"vocab {vocab_size} ({index['dtype']}), eos {eos!r}={eos_id}; shards: {len(index['splits']['train'])} train, "
         f"{len(index['splits']['val'])} val; tokens incl. EOS: {index['tokens']['train']:,} train, "
         f"{index['tokens']['val']:,} val")

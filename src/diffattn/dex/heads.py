@@ -122,20 +122,11 @@ def _final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-@torch.no_grad()
-def head_importance(model: nn.Module, batches: Iterable[torch.Tensor], progress=None) -> tuple[torch.Tensor, float]:
-    """(L, H) increase of the mean next-token loss when each head's output is zeroed, and the base loss.
-
-    Layers before the ablated one are not recomputed: each decoder layer's inputs are captured once and
-    the tail l..L−1 is replayed with the same positional/mask arguments.
-    """
-    sites = attention_sites(model)
+def _capture_layer_inputs(model: nn.Module, windows: list[torch.Tensor], n_layer: int):
+    """One forward pass per window: every decoder layer's (args, kwargs), captured by pre-hooks, the mean next-token
+    loss of the base model and the number of predicted tokens."""
     layers = model.model.layers
-    L, H, d = len(sites), sites[0].n_head, sites[0].head_dim
-    windows = _windows(batches)
-    was_training = model.training
-    model.eval()
-    captured: list[list[tuple]] = [[None] * L for _ in windows]
+    captured: list[list[tuple]] = [[None] * n_layer for _ in windows]
 
     def capture(i):
         def pre(_mod, args, kwargs):
@@ -143,7 +134,7 @@ def head_importance(model: nn.Module, batches: Iterable[torch.Tensor], progress=
         return pre
 
     base_loss, n_tok = 0.0, 0
-    hooks = [layers[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in range(L)]
+    hooks = [layers[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in range(n_layer)]
     try:
         for w_idx, ids in enumerate(windows):
             ids = ids.to(model.device)
@@ -153,6 +144,46 @@ def head_importance(model: nn.Module, batches: Iterable[torch.Tensor], progress=
         for h in hooks:
             h.remove()
     base_loss /= n_tok
+    return captured, base_loss, n_tok
+
+
+def _replay_from(layers, inputs: list[tuple], first: int) -> torch.Tensor:
+    """The last decoder layer's output, recomputing layers ``first``, ``first`` + 1, … from the captured inputs of
+    layer ``first`` with every layer's own captured positional/mask arguments."""
+    args, kwargs = inputs[first]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    for j in range(first, len(inputs)):
+        a, kw = inputs[j]
+        if a:
+            hidden = layers[j](hidden, *a[1:], **kw)
+        else:
+            hidden = layers[j](**{**kw, "hidden_states": hidden})
+    return hidden
+
+
+def _replayed_loss(model: nn.Module, windows: list[torch.Tensor], captured: list[list[tuple]], layer: int) -> float:
+    """The summed next-token loss over the windows, with the decoder replayed from ``layer`` on."""
+    loss = 0.0
+    for w_idx, ids in enumerate(windows):
+        ids = ids.to(model.device)
+        hidden = _replay_from(model.model.layers, captured[w_idx], layer)
+        loss += float(_lm_loss(_final_logits(model, hidden), ids))
+    return loss
+
+
+@torch.no_grad()
+def head_importance(model: nn.Module, batches: Iterable[torch.Tensor], progress=None) -> tuple[torch.Tensor, float]:
+    """(L, H) increase of the mean next-token loss when each head's output is zeroed, and the base loss.
+
+    Layers before the ablated one are not recomputed: each decoder layer's inputs are captured once and
+    the tail l..L−1 is replayed with the same positional/mask arguments.
+    """
+    sites = attention_sites(model)
+    L, H, d = len(sites), sites[0].n_head, sites[0].head_dim
+    windows = _windows(batches)
+    was_training = model.training
+    model.eval()
+    captured, base_loss, n_tok = _capture_layer_inputs(model, windows, L)
 
     importance = torch.zeros(L, H, dtype=torch.float64)
     ablate = {"head": None}
@@ -170,19 +201,7 @@ def head_importance(model: nn.Module, batches: Iterable[torch.Tensor], progress=
             try:
                 for h in range(H):
                     ablate["head"] = h
-                    loss = 0.0
-                    for w_idx, ids in enumerate(windows):
-                        ids = ids.to(model.device)
-                        args, kwargs = captured[w_idx][l]
-                        hidden = args[0] if args else kwargs["hidden_states"]
-                        for j in range(l, L):
-                            a, kw = captured[w_idx][j]
-                            if a:
-                                hidden = layers[j](hidden, *a[1:], **kw)
-                            else:
-                                hidden = layers[j](**{**kw, "hidden_states": hidden})
-                        loss += float(_lm_loss(_final_logits(model, hidden), ids))
-                    importance[l, h] = loss / n_tok - base_loss
+                    importance[l, h] = _replayed_loss(model, windows, captured, l) / n_tok - base_loss
                     if progress is not None:
                         progress(1)
             finally:

@@ -206,37 +206,43 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
-    """Carry out one DEX run (module docstring); returns the training summary with the adapter's path and size."""
+def _seed_and_device(run: DexRun) -> str:
+    """Set the run's CPU threads and torch seed (before anything is built); the resolved device's name."""
     import torch
 
     from ..utils.runtime import resolve_device
-    from .adapter import base_fingerprint, save_adapter
-    from .bases import load_base
-    from .data import AdaptationData, check_shards_match, prepare_text
-    from .heads import choose_heads, importance_cost
-    from .surgery import apply_dex, attention_sites
-    from .train import TrainSettings, train_adapter
 
-    run.check()
-    out = Path(run.out)
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
-    device = str(resolve_device(run.device))
+    return str(resolve_device(run.device))
 
-    t_start = time.time()
+
+def _load_base(run: DexRun, device: str, log, times: dict):
+    """The base model in the run's dtype (``auto``: bf16 on CUDA, fp32 on CPU) and its attention sites; logs one
+    line describing it."""
     from ..utils.progress import phase
     from ..utils.runtime import parse_dtype
+    from .bases import load_base
+    from .surgery import attention_sites
 
-    times: dict[str, float] = {}  # seconds of each phase, printed as it ends and kept in adapter_config.json
     dtype = parse_dtype(run.dtype if run.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32"))
     with phase("loading base", log, times):
         base = load_base(run.base, device=device, dtype=dtype, log=log)
-    model, tok = base.model, base.tokenizer
+    model = base.model
     sites = attention_sites(model)
     log(f"base: {base.name} ({type(model).__name__}, {len(sites)} layers × {sites[0].n_head} heads of "
         f"{sites[0].head_dim}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on {device}")
+    return base, sites
+
+
+def _adaptation_data(run: DexRun, base, log, times: dict):
+    """The training and validation windows: ``--data`` shards (checked against the base's tokenizer) or the text
+    tokenised once and cached, with the base's BOS when it prepends one. Returns the data and its description."""
+    from ..utils.progress import phase
+    from .data import AdaptationData, check_shards_match, prepare_text
+
+    model, tok = base.model, base.tokenizer
     with phase("preparing data", log, times):
         if run.data:
             check_shards_match(run.data, tok, int(model.config.vocab_size))
@@ -250,20 +256,52 @@ def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
                           retrieval_share=run.retrieval_share, tokenizer=tok)
     info = data.describe()
     log(f"data: {shard_dir} ({info['train_tokens']:,} train / {info['val_tokens']:,} val tokens)")
+    return data, info
+
+
+def _select_heads(run: DexRun, model, data, sites, log, times: dict) -> tuple[dict, dict]:
+    """The heads to adapt per layer and the calibration record (none for plain fine-tuning: no module)."""
+    from ..utils.progress import phase
+
+    if run.method == "finetune":
+        return {}, {"criterion": "none (finetune: no module)"}
+    with phase("head selection", log, times):
+        return _choose_heads(run, model, data, sites, log)
+
+
+def _train_settings(run: DexRun, steps: int):
+    """The training loop's settings (warm-up: ``--warmup``, else 5 % of the steps)."""
+    from .train import TrainSettings
+
+    return TrainSettings(steps=steps, lr=run.lr, weight_decay=run.weight_decay,
+                         warmup_steps=run.warmup if run.warmup is not None else max(0, steps // 20),
+                         grad_clip=run.grad_clip, train_mode=run.train, eval_every=run.eval_every,
+                         val_tokens=run.eval_tokens(steps), lambda_lr=run.lambda_lr)
+
+
+def adapt(run: DexRun, *, log: Callable[[str], None] = _stderr) -> dict:
+    """Carry out one DEX run (module docstring); returns the training summary with the adapter's path and size."""
+    import torch
+
+    from ..utils.progress import phase
+    from .adapter import base_fingerprint, save_adapter
+    from .surgery import apply_dex
+    from .train import train_adapter
+
+    run.check()
+    out = Path(run.out)
+    device = _seed_and_device(run)
+    t_start = time.time()
+    times: dict[str, float] = {}  # seconds of each phase, printed as it ends and kept in adapter_config.json
+    base, sites = _load_base(run, device, log, times)
+    model = base.model
+    data, info = _adaptation_data(run, base, log, times)
     steps, T = run.budget(device)
     options = run.dex_options(anneal_steps=T)
-
-    if run.method == "finetune":  # no module, so no heads to choose
-        heads, record = {}, {"criterion": "none (finetune: no module)"}
-    else:
-        with phase("head selection", log, times):
-            heads, record = _choose_heads(run, model, data, sites, choose_heads, importance_cost, log)
+    heads, record = _select_heads(run, model, data, sites, log, times)
     fingerprint = base_fingerprint(model)
     apply_dex(model, heads, options)
-    settings = TrainSettings(steps=steps, lr=run.lr, weight_decay=run.weight_decay,
-                             warmup_steps=run.warmup if run.warmup is not None else max(0, steps // 20),
-                             grad_clip=run.grad_clip, train_mode=run.train, eval_every=run.eval_every,
-                             val_tokens=run.eval_tokens(steps), lambda_lr=run.lambda_lr)
+    settings = _train_settings(run, steps)
     if run.method == "dex":
         _warn_unreachable(options, settings, [s.layer_idx for s in sites if s.layer_idx in heads])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -313,7 +351,10 @@ def _warn_unreachable(options, settings, layers: list[int]) -> None:
                       UserWarning, stacklevel=3)
 
 
-def _choose_heads(run: DexRun, model, data, sites, choose_heads, importance_cost, log):
+def _choose_heads(run: DexRun, model, data, sites, log) -> tuple[dict, dict]:
+    """Choose the heads by ``run.heads`` (on calibration windows for entropy / importance) and log the choice."""
+    from .heads import choose_heads, importance_cost
+
     calib = None
     if run.heads in ("entropy", "importance"):
         calib = data.calibration_windows(run.calibration_tokens(), min(run.calib_seq_len, run.seq_len))

@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -196,6 +194,51 @@ def main(argv=None) -> int:
         _BAR = None
 
 
+def _arm_flags(args, out: Path, arm: str, seed: int) -> list[str]:
+    """The arm's own ``adapt dex`` flags: its ``ARMS`` entry, and the heads of the linear and LoRA controls."""
+    extra = list(ARMS[arm])
+    dex_cfg = out / ("dex" if seed == args.seed else f"dex-s{seed - args.seed}") / "adapter_config.json"
+    if arm == "linear" and dex_cfg.is_file():  # exactly DEX's heads (of the same seed), without recalibrating
+        heads = json.loads(dex_cfg.read_text())["heads"]
+        extra += ["--heads", ",".join(f"{l}:{h}" for l, hs in heads.items() for h in hs)]
+    elif arm == "lora":  # LoRA acts on o_proj as a whole: heads only pick layers (all of them)
+        extra += ["--heads", "all"]
+    return extra
+
+
+def _train_and_merge(args, out: Path, da: list[str], log: list, name: str, arm: str, seed: int) -> int:
+    """Train one arm's adapter, then merge it into a model directory (each skipped when already done); the exit
+    code of the first command that fails, else 0."""
+    extra = _arm_flags(args, out, arm, seed)
+    if not (out / name / "adapter_config.json").is_file():
+        rc = _cmd(da + ["adapt", "dex", "--base", args.base, "--out", str(out / name), "--steps", str(args.steps),
+                        "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
+                        "--val-tokens", str(args.val_tokens), "--seed", str(seed), "--device", args.device,
+                        *(["--data", args.data] if args.data else ["--text", *args.text]),
+                        "--retrieval-share", str(args.retrieval_share),
+                        "--dtype", "bfloat16" if args.device.startswith("cuda") else "float32",
+                        *extra], log, out, f"train-{name}")  # its log is a file: progress lines, phase times
+        if rc:
+            return rc
+    _BAR.update()
+    if not (out / f"{name}-merged" / "config.json").is_file():
+        rc = _cmd(da + ["adapt", "load", args.base, str(out / name), "--merge", "--out", str(out / f"{name}-merged"),
+                        "--device", args.device], log, out, f"merge-{name}")
+        if rc:
+            return rc
+    _BAR.update()
+    return 0
+
+
+def _study_record(args, log: list, t0: float, grids) -> dict:
+    """``study.json``: every command with its exit code and wall time, the study's options and evaluation grids,
+    and the environment (utils/environment.py)."""
+    from ..utils.environment import environment
+
+    return {"commands": log, "wall_s": round(time.time() - t0, 1), "args": vars(args), "grids": grids,
+            "environment": environment(args.device)}
+
+
 def _run_study(args, out: Path, da: list[str], log: list, t0: float, runs, names) -> int:
     grids = None
 
@@ -209,30 +252,9 @@ def _run_study(args, out: Path, da: list[str], log: list, t0: float, runs, names
 
     # each arm is trained, merged and evaluated before the next starts, so a stopped study has whole arms
     for name, arm, seed in runs:
-        extra = list(ARMS[arm])
-        dex_cfg = out / ("dex" if seed == args.seed else f"dex-s{seed - args.seed}") / "adapter_config.json"
-        if arm == "linear" and dex_cfg.is_file():  # exactly DEX's heads (of the same seed), without recalibrating
-            heads = json.loads(dex_cfg.read_text())["heads"]
-            extra += ["--heads", ",".join(f"{l}:{h}" for l, hs in heads.items() for h in hs)]
-        elif arm == "lora":  # LoRA acts on o_proj as a whole: heads only pick layers (all of them)
-            extra += ["--heads", "all"]
-        if not (out / name / "adapter_config.json").is_file():
-            rc = _cmd(da + ["adapt", "dex", "--base", args.base, "--out", str(out / name), "--steps", str(args.steps),
-                            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
-                            "--val-tokens", str(args.val_tokens), "--seed", str(seed), "--device", args.device,
-                            *(["--data", args.data] if args.data else ["--text", *args.text]),
-                            "--retrieval-share", str(args.retrieval_share),
-                            "--dtype", "bfloat16" if args.device.startswith("cuda") else "float32",
-                            *extra], log, out, f"train-{name}")  # its log is a file: progress lines, phase times
-            if rc:
-                return rc
-        _BAR.update()
-        if not (out / f"{name}-merged" / "config.json").is_file():
-            rc = _cmd(da + ["adapt", "load", args.base, str(out / name), "--merge", "--out", str(out / f"{name}-merged"),
-                            "--device", args.device], log, out, f"merge-{name}")
-            if rc:
-                return rc
-        _BAR.update()
+        rc = _train_and_merge(args, out, da, log, name, arm, seed)
+        if rc:
+            return rc
         if grids is None:  # the evaluations read the adaptation shards (the same for every arm)
             from .bases import resolve_base_path
 
@@ -243,16 +265,7 @@ def _run_study(args, out: Path, da: list[str], log: list, t0: float, runs, names
         evaluate(name, str(out / f"{name}-merged"))
         write_text_atomic(out / "summary.md", summarize(out, names))  # a partial summary after every arm
 
-    meta = {"commands": log, "wall_s": round(time.time() - t0, 1), "python": sys.version.split()[0],
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "args": vars(args), "grids": grids}
-    try:
-        import torch
-        import transformers
-        meta.update(torch=torch.__version__, transformers=transformers.__version__,
-                    threads=torch.get_num_threads())
-    except ImportError:
-        pass
-    write_text_atomic(out / "study.json", json.dumps(meta, indent=1) + "\n")
+    write_text_atomic(out / "study.json", json.dumps(_study_record(args, log, t0, grids), indent=1) + "\n")
     write_text_atomic(out / "results.json", json.dumps(results(out, names), indent=1) + "\n")
     write_text_atomic(out / "summary.md", summarize(out, names))
     _echo((out / "summary.md").read_text())
@@ -362,9 +375,14 @@ def verdicts(out: Path, names: list[str]) -> list[str]:
             "| comparison | metric | mean difference | margin | verdict | why |", "|---|---|---|---|---|---|", *rows]
 
 
-def summarize(out: Path, names: list[str]) -> str:
-    """Markdown tables of the numbers found under ``out`` (missing ones are '—')."""
-    ev = out / "eval"
+def _eval_results(out: Path, name: str, task: str) -> dict | None:
+    """The ``results`` of one arm's evaluation task, or None when it has not run."""
+    r = _load(out / "eval" / f"{name}-{task}" / "results.json")
+    return r.get("results") if isinstance(r, dict) else None
+
+
+def _training_table(out: Path, names: list[str]) -> list[str]:
+    """The base's and every arm's trained parameters, tokens, time, mean λ and validation loss after training."""
     lines = ["## Training and validation perplexity", "",
              "| arm | trained params | tokens | train time (s) | mean λ | val loss | val ppl |", "|---|---|---|---|---|---|---|"]
     base_val = None
@@ -387,61 +405,75 @@ def summarize(out: Path, names: list[str]) -> str:
         lines.append(f"| {name} | {_n(tr.get('trainable_params'))} | {_n(tr.get('tokens'))} | "
                      f"{tr.get('elapsed_s', '—')} | {_f(sum(lam.values()) / len(lam) if lam and not control else None, 4)} | "
                      f"{_f(va.get('val_loss'), 4)} | {_f(va.get('val_ppl'))} |")
+    return lines
 
-    def res(name, task):
-        r = _load(ev / f"{name}-{task}" / "results.json")
-        return r.get("results") if isinstance(r, dict) else None
 
-    rows = []
+def _arm_results(out: Path, names: list[str], task: str):
+    """(arm, results) for every arm whose evaluation ``task`` has results, in ``names`` order."""
     for name in names:
-        r = res(name, "needle")
+        r = _eval_results(out, name, task)
         if r:
-            rows.append([name] + [f"{b['accuracy']:.3f}" for b in r["by_nr"]])
-            nr = [f"N/R {b['n']}/{b['r']}" for b in r["by_nr"]]
-    if rows:
-        lines += ["", "## Multi-needle retrieval (accuracy, mean over lengths and depths)", "",
-                  "| arm | " + " | ".join(nr) + " |", "|---|" + "---|" * len(nr)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
+            yield name, r
+
+
+def _section(title: str, header: list[str], rows: list[str]) -> list[str]:
+    """A Markdown section: a blank line, its title and its table (nothing at all when there is no row)."""
+    return ["", title, ""] + header + rows if rows else []
+
+
+def _needle_table(out: Path, names: list[str]) -> list[str]:
+    rows = []
+    for name, r in _arm_results(out, names, "needle"):
+        rows.append("| " + " | ".join([name] + [f"{b['accuracy']:.3f}" for b in r["by_nr"]]) + " |")
+        nr = [f"N/R {b['n']}/{b['r']}" for b in r["by_nr"]]
+    return _section("## Multi-needle retrieval (accuracy, mean over lengths and depths)",
+                    ["| arm | " + " | ".join(nr) + " |", "|---|" + "---|" * len(nr)] if rows else [], rows)
+
+
+def _icl_table(out: Path, names: list[str]) -> list[str]:
+    rows = []
+    for name, r in _arm_results(out, names, "icl"):
+        for d in r["datasets"]:
+            rob = (d.get("robustness") or {}).get("arrangements", {})
+            curve = ", ".join(f"{c['shots']}: {c['accuracy_mean']:.3f}" for c in d["curve"])
+            spread = ", ".join(f"{k} {v['spread']:.3f}" for k, v in rob.items())
+            rows.append(f"| {name} | {d['dataset']} | {curve} | {d['majority_baseline']:.3f} | {spread or '—'} |")
+    return _section("## In-context learning (accuracy by shots; order robustness: best − worst)",
+                    ["| arm | dataset | accuracy by shots | majority | spread by arrangement |",
+                     "|---|---|---|---|---|"], rows)
+
+
+def _attention_table(out: Path, names: list[str]) -> list[str]:
+    rows = [f"| {name} | {m['answer']:.4f} | {m['noise']:.4f} | {m['bos']:.4f} | {m['query']:.4f} |"
+            for name, m in ((name, r["mean"]) for name, r in _arm_results(out, names, "attention-noise"))]
+    return _section("## Attention allocation (softmax maps, final query position)",
+                    ["| arm | answer | noise | BOS | query |", "|---|---|---|---|---|"], rows)
+
+
+def _hallucination_table(out: Path, names: list[str]) -> list[str]:
+    rows = [f"| {name} | {d['dataset']} | {_f(d.get('unsupported_rate'))} | {_f(d.get('faithful_share'))} | "
+            f"{_f(d.get('rougeL_f1'))} |"
+            for name, r in _arm_results(out, names, "hallucination") for d in r["datasets"]]
+    return _section("## Contextual hallucination proxy (lexical 'unsupported' rate; lower is better)",
+                    ["| arm | dataset | unsupported rate | faithful share | ROUGE-L F1 |", "|---|---|---|---|---|"],
+                    rows)
+
+
+def _ppl_table(out: Path, names: list[str]) -> list[str]:
     rows = []
     for name in names:
-        r = res(name, "icl")
-        if r:
-            for d in r["datasets"]:
-                rob = (d.get("robustness") or {}).get("arrangements", {})
-                curve = ", ".join(f"{c['shots']}: {c['accuracy_mean']:.3f}" for c in d["curve"])
-                spread = ", ".join(f"{k} {v['spread']:.3f}" for k, v in rob.items())
-                rows.append(f"| {name} | {d['dataset']} | {curve} | {d['majority_baseline']:.3f} | {spread or '—'} |")
-    if rows:
-        lines += ["", "## In-context learning (accuracy by shots; order robustness: best − worst)", "",
-                  "| arm | dataset | accuracy by shots | majority | spread by arrangement |", "|---|---|---|---|---|"]
-        lines += rows
-    rows = []
-    for name in names:
-        r = res(name, "attention-noise")
-        if r:
-            m = r["mean"]
-            rows.append(f"| {name} | {m['answer']:.4f} | {m['noise']:.4f} | {m['bos']:.4f} | {m['query']:.4f} |")
-    if rows:
-        lines += ["", "## Attention allocation (softmax maps, final query position)", "",
-                  "| arm | answer | noise | BOS | query |", "|---|---|---|---|---|"] + rows
-    rows = []
-    for name in names:
-        r = res(name, "hallucination")
-        if r:
-            for d in r["datasets"]:
-                rows.append(f"| {name} | {d['dataset']} | {_f(d.get('unsupported_rate'))} | "
-                            f"{_f(d.get('faithful_share'))} | {_f(d.get('rougeL_f1'))} |")
-    if rows:
-        lines += ["", "## Contextual hallucination proxy (lexical 'unsupported' rate; lower is better)", "",
-                  "| arm | dataset | unsupported rate | faithful share | ROUGE-L F1 |", "|---|---|---|---|---|"] + rows
-    rows = []
-    for name in names:
-        r = (_load(ev / f"{name}-ppl" / "results.json") or {}).get("results")
+        r = (_load(out / "eval" / f"{name}-ppl" / "results.json") or {}).get("results")
         if r:
             rows.append(f"| {name} | {_f(r.get('perplexity'))} | {_f(r.get('val_loss'), 4)} |")
-    if rows:
-        lines += ["", "## Perplexity on held-out adaptation text (diffattn eval ppl)", "", "| arm | ppl | NLL |",
-                  "|---|---|---|"] + rows
+    return _section("## Perplexity on held-out adaptation text (diffattn eval ppl)",
+                    ["| arm | ppl | NLL |", "|---|---|---|"], rows)
+
+
+def summarize(out: Path, names: list[str]) -> str:
+    """Markdown tables of the numbers found under ``out`` (missing ones are '—'; a table no arm has is left out)."""
+    lines = _training_table(out, names)
+    for table in (_needle_table, _icl_table, _attention_table, _hallucination_table, _ppl_table):
+        lines += table(out, names)
     lines += verdicts(out, names)
     return "\n".join(lines) + "\n"
 

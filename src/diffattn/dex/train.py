@@ -74,8 +74,12 @@ def evaluate(model: nn.Module, batches) -> dict:
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
 
 
-def _eval_detail(result: dict) -> str:
-    return f"val_loss {result['val_loss']:.4f}, {result['val_tokens']:,} tokens"
+def _evaluate_phase(title: str, model: nn.Module, data, settings: TrainSettings, log, times: dict | None) -> dict:
+    """:func:`evaluate` on the validation batches as one timed phase (its line names the loss and tokens)."""
+    with phase(title, log, times) as ph:
+        result = evaluate(model, data.val_batches(settings.val_tokens))
+        ph["detail"] = f"val_loss {result['val_loss']:.4f}, {result['val_tokens']:,} tokens"
+    return result
 
 
 def lambda_values(model: nn.Module) -> dict[int, float]:
@@ -99,16 +103,11 @@ def lambda_wd_norms(model: nn.Module) -> dict[int, float]:
     return out
 
 
-def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_dir: Path | None = None,
-                  progress: bool = True, log=print, log_every: int = 10, times: dict | None = None) -> dict:
-    """Train in place; ``data`` provides ``batch(step)`` and ``val_batches(max_tokens)``. Returns a summary.
-    With ``metrics_dir``, one JSON record per logged step and evaluation goes to ``metrics_dir/metrics.jsonl``
-    (the main trainer's MetricsLog). The step itself is the main trainer's: named AdamW groups (decay /
-    no_decay), the warm-up + cosine schedule, the global-norm clip (train/optim.py) and the fp32 loss.
-    ``progress``: a bar on a terminal, else a line per ``log_every`` steps; ``log`` gets one line per phase
-    (evaluation before, training, evaluation after) with its duration, and ``times`` its seconds."""
-    params = configure_trainable(model, settings.train_mode)
-    n_trainable = sum(p.numel() for p in params)
+def adapter_param_groups(model: nn.Module, params: list, settings: TrainSettings) -> tuple[list[dict], dict]:
+    """DEX's own AdamW groups over the trainable ``params``, split by shape, not by name as the main trainer's
+    are (train/optim.py reads diffattn's parameter names, not a Hugging Face model's): ``decay`` (matrices,
+    ``weight_decay``), ``no_decay`` (vectors) and, when λ_learn is trained, ``lambda`` (no decay, peak learning
+    rate ``lambda_lr``). Returns the groups and each group's learning rate as a multiple of the schedule's."""
     lams = {id(m.lambda_learn) for m in adapter_modules(model)
             if isinstance(m, DEXOutputProjection) and m.lambda_learn is not None}
     decay = [p for p in params if p.dim() >= 2]
@@ -118,48 +117,58 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_di
     if lams:  # λ_learn: its own group, so its reach does not hinge on the adapter's learning rate
         groups.append({"name": "lambda", "params": [p for p in params if id(p) in lams], "weight_decay": 0.0})
     lr_scale = {"decay": 1.0, "no_decay": 1.0, "lambda": (settings.lambda_lr or settings.lr) / settings.lr}
-    opt = torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2))
-    device = next(model.parameters()).device
-    if metrics_dir is not None:
-        Path(metrics_dir).mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(metrics_dir or ".", enabled=metrics_dir is not None, tensorboard=False)
-    emit = metrics.write
+    return groups, lr_scale
 
-    set_dex_step(model, 0)
-    with phase("evaluation before", log, times) as ph:
-        before = evaluate(model, data.val_batches(settings.val_tokens))
-        ph["detail"] = _eval_detail(before)
-    emit({"step": 0, "tokens": 0, **before})
+
+def _train_step(model: nn.Module, opt, params: list, data, settings: TrainSettings, lr_scale: dict, step: int,
+                device) -> tuple[float, float, float, int]:
+    """Optimizer step ``step``: schedule position and learning rate, the batch of the step, loss, backward, clip,
+    update. Returns (loss, learning rate, gradient norm before clipping, tokens)."""
+    set_dex_step(model, step)
+    lr = lr_at(step, settings)
+    for group in opt.param_groups:
+        group["lr"] = lr * lr_scale[group["name"]]
+    x, y = data.batch(step)
+    x, y = x.to(device), y.to(device)
+    loss = lm_loss(model, x, y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss at step {step}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = float(clip_grad_norm(params, settings.grad_clip if settings.grad_clip > 0 else float("inf")))
+    opt.step()
+    return loss.item(), lr, gnorm, y.numel()
+
+
+def _step_record(model: nn.Module, step: int, tokens: int, loss_value: float, lr: float, gnorm: float,
+                 t0: float) -> tuple[dict, dict[int, float]]:
+    """The metrics record of finished step ``step`` and the per-layer λ it holds."""
+    lams = lambda_values(model)
+    lam_mean = sum(lams.values()) / len(lams) if lams else None
+    rec = {"step": step + 1, "tokens": tokens, "loss": loss_value, "lr": lr, "grad_norm": gnorm,
+           "lambda_mean": lam_mean, "elapsed_s": round(time.time() - t0, 2)}
+    if lams:  # every step: per-layer λ (at this step's t) and ‖λ·W_D‖ after the update
+        rec.update(lambda_={str(k): round(v, 6) for k, v in lams.items()},
+                   lambda_wd={str(k): round(v, 6) for k, v in lambda_wd_norms(model).items()})
+        rec["lambda"] = rec.pop("lambda_")
+    return rec, lams
+
+
+def _train_loop(model: nn.Module, opt, params: list, data, settings: TrainSettings, lr_scale: dict, emit, *,
+                progress: bool, log, log_every: int) -> tuple[int, list[float], float]:
+    """The ``settings.steps`` optimizer steps with their metrics records, the evaluations every ``eval_every`` steps
+    and the progress bar (or lines). Returns (tokens, the loss of every step, seconds)."""
+    device = next(model.parameters()).device
     bar = StepProgress("dex", settings.steps, enabled=progress, write=log)
     t0, tokens, history = time.time(), 0, []
     t_report, tokens_report = time.perf_counter(), 0
     model.train()
     try:
         for step in range(settings.steps):
-            set_dex_step(model, step)
-            lr = lr_at(step, settings)
-            for group in opt.param_groups:
-                group["lr"] = lr * lr_scale[group["name"]]
-            x, y = data.batch(step)
-            x, y = x.to(device), y.to(device)
-            loss = lm_loss(model, x, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = float(clip_grad_norm(params, settings.grad_clip if settings.grad_clip > 0 else float("inf")))
-            opt.step()
-            tokens += y.numel()
-            loss_value = loss.item()
+            loss_value, lr, gnorm, n_tokens = _train_step(model, opt, params, data, settings, lr_scale, step, device)
+            tokens += n_tokens
             history.append(loss_value)
-            lams = lambda_values(model)
-            lam_mean = sum(lams.values()) / len(lams) if lams else None
-            rec = {"step": step + 1, "tokens": tokens, "loss": loss_value, "lr": lr, "grad_norm": gnorm,
-                   "lambda_mean": lam_mean, "elapsed_s": round(time.time() - t0, 2)}
-            if lams:  # every step: per-layer λ (at this step's t) and ‖λ·W_D‖ after the update
-                rec.update(lambda_={str(k): round(v, 6) for k, v in lams.items()},
-                           lambda_wd={str(k): round(v, 6) for k, v in lambda_wd_norms(model).items()})
-                rec["lambda"] = rec.pop("lambda_")
+            rec, lams = _step_record(model, step, tokens, loss_value, lr, gnorm, t0)
             emit(rec)
             if settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < settings.steps:
                 set_dex_step(model, step + 1)
@@ -174,20 +183,12 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_di
                 t_report, tokens_report = now, tokens
     finally:
         bar.close()
-    elapsed = time.time() - t0
-    if times is not None:
-        times["training"] = round(elapsed, 2)
-    log(f"training: {duration(elapsed)} ({settings.steps} steps, {tokens / max(elapsed, 1e-9):,.0f} tok/s"
-        f"{', evaluations included' if settings.eval_every else ''})")
-    set_dex_step(model, settings.steps)
-    model.eval()
-    with phase("evaluation after", log, times) as ph:
-        after = evaluate(model, data.val_batches(settings.val_tokens))
-        ph["detail"] = _eval_detail(after)
-    emit({"step": settings.steps, "tokens": tokens, **after, "elapsed_s": round(elapsed, 2)})
-    metrics.close()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    return tokens, history, time.time() - t0
+
+
+def _summary(model: nn.Module, settings: TrainSettings, tokens: int, n_trainable: int, history: list[float],
+             before: dict, after: dict, elapsed: float) -> dict:
+    """What :func:`train_adapter` returns."""
     return {"steps": settings.steps, "tokens": tokens, "trainable_params": n_trainable,
             "train_loss_first": history[0] if history else None,
             "train_loss_last10": sum(history[-10:]) / len(history[-10:]) if history else None,
@@ -195,3 +196,39 @@ def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_di
             "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
             "lambda": {str(k): round(v, 6) for k, v in lambda_values(model).items()},
             "lambda_wd": {str(k): round(v, 6) for k, v in lambda_wd_norms(model).items()}}
+
+
+def train_adapter(model: nn.Module, data, settings: TrainSettings, *, metrics_dir: Path | None = None,
+                  progress: bool = True, log=print, log_every: int = 10, times: dict | None = None) -> dict:
+    """Train in place; ``data`` provides ``batch(step)`` and ``val_batches(max_tokens)``. Returns a summary.
+    With ``metrics_dir``, one JSON record per logged step and evaluation goes to ``metrics_dir/metrics.jsonl``
+    (the main trainer's MetricsLog). The step: AdamW over DEX's own groups (:func:`adapter_param_groups`: by
+    shape, λ_learn apart), the main trainer's warm-up + cosine schedule (train/schedule.py, to 10 % of the peak)
+    and global-norm clip (train/optim.py), the fp32 loss (model/loss.py).
+    ``progress``: a bar on a terminal, else a line per ``log_every`` steps; ``log`` gets one line per phase
+    (evaluation before, training, evaluation after) with its duration, and ``times`` its seconds."""
+    params = configure_trainable(model, settings.train_mode)
+    n_trainable = sum(p.numel() for p in params)
+    groups, lr_scale = adapter_param_groups(model, params, settings)
+    opt = torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2))
+    if metrics_dir is not None:
+        Path(metrics_dir).mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(metrics_dir or ".", enabled=metrics_dir is not None, tensorboard=False)
+
+    set_dex_step(model, 0)
+    before = _evaluate_phase("evaluation before", model, data, settings, log, times)
+    metrics.write({"step": 0, "tokens": 0, **before})
+    tokens, history, elapsed = _train_loop(model, opt, params, data, settings, lr_scale, metrics.write,
+                                           progress=progress, log=log, log_every=log_every)
+    if times is not None:
+        times["training"] = round(elapsed, 2)
+    log(f"training: {duration(elapsed)} ({settings.steps} steps, {tokens / max(elapsed, 1e-9):,.0f} tok/s"
+        f"{', evaluations included' if settings.eval_every else ''})")
+    set_dex_step(model, settings.steps)
+    model.eval()
+    after = _evaluate_phase("evaluation after", model, data, settings, log, times)
+    metrics.write({"step": settings.steps, "tokens": tokens, **after, "elapsed_s": round(elapsed, 2)})
+    metrics.close()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return _summary(model, settings, tokens, n_trainable, history, before, after, elapsed)

@@ -124,42 +124,28 @@ def attention_shares(rows: Sequence[torch.Tensor], masks: dict[str, torch.Tensor
     return out
 
 
-def run_attention_noise(adapter, tokenizer, options: AttentionNoiseOptions, out_dir=None) -> dict:
-    """Answer vs noise attention shares on needle prompts, per depth."""
-    started = start_task(adapter, options)
-    length = options.length or min(adapter.max_len, 2048)
-    corpus = load_corpus(options.data, tokenizer)
-    gen = NeedleGenerator(tokenizer, corpus.texts())
-    if length < gen.min_length(options.needles):
-        raise UsageError(f"--length {length}: too short for {options.needles} needle(s) and the template "
-                         f"(use at least {gen.min_length(options.needles)} tokens)")
-    k = min(options.query_positions, length)
-    by_depth, comp_by_depth, per_layer_acc = [], [], None
-    for depth in options.depths:
-        shares, comp_shares = [], []
-        for s in range(options.samples):
-            prompt = gen.trial(length, depth, options.needles, 1, options.seed, "attention-noise", s)[0]
-            masks = category_masks(prompt, options.answer_span)
-            maps = adapter.attention_maps(torch.tensor([prompt.ids], device=adapter.device), last_rows=k)
-            rows = [m.effective[0, :, -k:, :] for m in maps]
-            sh = attention_shares(rows, masks, options.normalize)
-            shares.append(sh)
-            if all(m.components is not None for m in maps):
-                comp_shares.append(attention_shares([m.components[0, :, 0, -k:, :] for m in maps], masks, "sum"))
-        row = {"depth": depth, **{c: mean([s[c] for s in shares]) for c in CATEGORIES}}
-        row["per_layer"] = {c: [mean([s["per_layer"][c][i] for s in shares]) for i in range(len(shares[0]["per_layer"][c]))]
-                            for c in ("answer", "noise")}
-        by_depth.append(row)
-        if comp_shares:
-            comp_by_depth.append({"depth": depth, **{c: mean([s[c] for s in comp_shares]) for c in CATEGORIES}})
-    overall = {c: mean([r[c] for r in by_depth]) for c in CATEGORIES}
-    n_layers = len(by_depth[0]["per_layer"]["answer"])
-    per_layer_acc = {c: [mean([r["per_layer"][c][i] for r in by_depth]) for i in range(n_layers)] for c in ("answer", "noise")}
-    data = {"length": length, "needles": options.needles, "normalize": options.normalize,
-            "map": "effective (A1 - lambda*A2)" if adapter.differential else "softmax",
-            "by_depth": by_depth, "mean": overall, "per_layer_mean": per_layer_acc,
-            "components": {"map": "first softmax map (A1)", "by_depth": comp_by_depth} if comp_by_depth else None,
-            "haystack": {"spec": corpus.spec, "kind": corpus.kind}}
+def _depth_row(adapter, gen, options: AttentionNoiseOptions, length: int, k: int, depth) -> tuple[dict, dict | None]:
+    """The shares at one answer depth, averaged over the samples (and per layer for answer and noise), and the
+    same on the first softmax map A1 when the adapter returns the maps' components (else None)."""
+    shares, comp_shares = [], []
+    for s in range(options.samples):
+        prompt = gen.trial(length, depth, options.needles, 1, options.seed, "attention-noise", s)[0]
+        masks = category_masks(prompt, options.answer_span)
+        maps = adapter.attention_maps(torch.tensor([prompt.ids], device=adapter.device), last_rows=k)
+        rows = [m.effective[0, :, -k:, :] for m in maps]
+        sh = attention_shares(rows, masks, options.normalize)
+        shares.append(sh)
+        if all(m.components is not None for m in maps):
+            comp_shares.append(attention_shares([m.components[0, :, 0, -k:, :] for m in maps], masks, "sum"))
+    row = {"depth": depth, **{c: mean([s[c] for s in shares]) for c in CATEGORIES}}
+    row["per_layer"] = {c: [mean([s["per_layer"][c][i] for s in shares]) for i in range(len(shares[0]["per_layer"][c]))]
+                        for c in ("answer", "noise")}
+    comp = {"depth": depth, **{c: mean([s[c] for s in comp_shares]) for c in CATEGORIES}} if comp_shares else None
+    return row, comp
+
+
+def _markdown(by_depth: list[dict], comp_by_depth: list[dict], overall: dict) -> str:
+    """The shares by depth and their mean (and the same on A1 alone when measured)."""
     header = ["depth", "answer", "noise", "BOS", "query", "(noise on distractor needles)"]
     md = "## Attention shares of the final query position (mean over heads and layers)\n\n" + markdown_table(
         header, [[f"{r['depth']:g}%", r["answer"], r["noise"], r["bos"], r["query"], r["distractors"]] for r in by_depth]
@@ -168,6 +154,11 @@ def run_attention_noise(adapter, tokenizer, options: AttentionNoiseOptions, out_
         md += "\n\n## Same, on the first softmax map A1 alone\n\n" + markdown_table(
             header, [[f"{r['depth']:g}%", r["answer"], r["noise"], r["bos"], r["query"], r["distractors"]]
                      for r in comp_by_depth])
+    return md
+
+
+def _figure(adapter, by_depth: list[dict], per_layer_acc: dict, n_layers: int):
+    """Answer and noise shares by depth (bars) and by layer (lines)."""
     fig, (ax1, ax2) = new_figure(10, 4, ncols=2)
     xs = list(range(len(by_depth)))
     ax1.bar([x - 0.2 for x in xs], [r["answer"] for r in by_depth], 0.4, label="answer span")
@@ -185,6 +176,35 @@ def run_attention_noise(adapter, tokenizer, options: AttentionNoiseOptions, out_
     ax2.set_title("by layer (mean over depths)")
     ax2.legend()
     fig.suptitle(f"{adapter.name}: attention to answer vs noise")
+    return fig
+
+
+def run_attention_noise(adapter, tokenizer, options: AttentionNoiseOptions, out_dir=None) -> dict:
+    """Answer vs noise attention shares on needle prompts, per depth."""
+    started = start_task(adapter, options)
+    length = options.length or min(adapter.max_len, 2048)
+    corpus = load_corpus(options.data, tokenizer)
+    gen = NeedleGenerator(tokenizer, corpus.texts())
+    if length < gen.min_length(options.needles):
+        raise UsageError(f"--length {length}: too short for {options.needles} needle(s) and the template "
+                         f"(use at least {gen.min_length(options.needles)} tokens)")
+    k = min(options.query_positions, length)
+    by_depth, comp_by_depth = [], []
+    for depth in options.depths:
+        row, comp = _depth_row(adapter, gen, options, length, k, depth)
+        by_depth.append(row)
+        if comp is not None:
+            comp_by_depth.append(comp)
+    overall = {c: mean([r[c] for r in by_depth]) for c in CATEGORIES}
+    n_layers = len(by_depth[0]["per_layer"]["answer"])
+    per_layer_acc = {c: [mean([r["per_layer"][c][i] for r in by_depth]) for i in range(n_layers)] for c in ("answer", "noise")}
+    data = {"length": length, "needles": options.needles, "normalize": options.normalize,
+            "map": "effective (A1 - lambda*A2)" if adapter.differential else "softmax",
+            "by_depth": by_depth, "mean": overall, "per_layer_mean": per_layer_acc,
+            "components": {"map": "first softmax map (A1)", "by_depth": comp_by_depth} if comp_by_depth else None,
+            "haystack": {"spec": corpus.spec, "kind": corpus.kind}}
+    md = _markdown(by_depth, comp_by_depth, overall)
+    fig = _figure(adapter, by_depth, per_layer_acc, n_layers)
     notes = [f"normalize={options.normalize}; BOS = the tokenizer's BOS, else the first token; "
              "noise excludes BOS and the question (UNCONFIRMED reading of Table 3)"]
     result = TaskResult("attention-noise", data, md, {"attention_noise.png": fig}, notes)

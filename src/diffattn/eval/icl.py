@@ -281,6 +281,64 @@ def run_dataset(adapter, tokenizer, ds: ICLDataset, options: IclOptions) -> dict
     return out
 
 
+def _markdown(results: list[dict]) -> str:
+    """Accuracy by shots, each dataset's summary, and the order robustness where it was measured."""
+    md = "## Accuracy vs number of demonstrations (mean ± std over draws)\n\n"
+    rows = []
+    for r in results:
+        for c in r["curve"]:
+            rows.append([r["dataset"], c["shots"], c["effective_shots_mean"], c["accuracy_mean"], c["accuracy_std"]])
+    md += markdown_table(["dataset", "shots", "effective shots", "accuracy", "std"], rows)
+    md += "\n\n" + markdown_table(["dataset", "classes", "test", "stable accuracy (upper half of shots)", "majority"],
+                                  [[r["dataset"], r["n_labels"], r["test_size"], r["stable_accuracy"],
+                                    r["majority_baseline"]] for r in results])
+    rob = [r for r in results if "robustness" in r]
+    if rob:
+        md += "\n\n## Order robustness (accuracy over permutations of one demonstration set)\n\n"
+        rows = []
+        for r in rob:
+            for how, a in r["robustness"]["arrangements"].items():
+                rows.append([r["dataset"], r["robustness"]["shots"], how, a["mean"], a["std"], a["spread"], a["best"],
+                             a["worst"]])
+        md += markdown_table(["dataset", "shots", "arrangement", "mean", "std", "spread (best − worst)", "best",
+                              "worst"], rows)
+    return md
+
+
+def _accuracy_figure(adapter, results: list[dict]):
+    """Accuracy (mean ± std over draws) against the number of demonstrations, one line per dataset."""
+    fig, ax = new_figure()
+    for r in results:
+        xs = [c["shots"] for c in r["curve"]]
+        ax.errorbar(xs, [c["accuracy_mean"] for c in r["curve"]], yerr=[c["accuracy_std"] for c in r["curve"]],
+                    marker="o", capsize=3, label=f"{r['dataset']} ({r['n_labels']}-way)")
+    if all(c["shots"] > 0 for r in results for c in r["curve"]):
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("demonstrations")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(f"{adapter.name}: many-shot ICL")
+    return fig
+
+
+def _robustness_figure(adapter, rob: list[dict]):
+    """The accuracies over permutations, one box per arrangement, one panel per dataset."""
+    fig2, axes = new_figure(4.0 * len(rob), 3.8, ncols=len(rob))
+    axes = axes if isinstance(axes, list) else [axes]
+    for ax2, r in zip(axes, rob):
+        arr = r["robustness"]["arrangements"]
+        names = list(arr)
+        ax2.boxplot([arr[n]["accuracies"] for n in names])
+        ax2.set_xticks(range(1, len(names) + 1), names)
+        for i, n in enumerate(names, 1):
+            ax2.scatter([i] * len(arr[n]["accuracies"]), arr[n]["accuracies"], s=10, color="C1", zorder=3)
+        ax2.set_title(f"{r['dataset']}, {r['robustness']['shots']} shots")
+        ax2.set_ylabel("accuracy")
+    fig2.suptitle(f"{adapter.name}: order robustness")
+    return fig2
+
+
 def run_icl(adapter, tokenizer, options: IclOptions, out_dir=None) -> dict:
     """Accuracy vs number of demonstrations (+ order robustness) for each dataset."""
     started = start_task(adapter, options)
@@ -294,53 +352,11 @@ def run_icl(adapter, tokenizer, options: IclOptions, out_dir=None) -> dict:
         results.append(run_dataset(adapter, tokenizer, ds, options))
     if not results:
         raise ValueError("no ICL dataset could be loaded: " + "; ".join(notes))
-    md = "## Accuracy vs number of demonstrations (mean ± std over draws)\n\n"
-    rows = []
-    for r in results:
-        for c in r["curve"]:
-            rows.append([r["dataset"], c["shots"], c["effective_shots_mean"], c["accuracy_mean"], c["accuracy_std"]])
-    md += markdown_table(["dataset", "shots", "effective shots", "accuracy", "std"], rows)
-    md += "\n\n" + markdown_table(["dataset", "classes", "test", "stable accuracy (upper half of shots)", "majority"],
-                                  [[r["dataset"], r["n_labels"], r["test_size"], r["stable_accuracy"],
-                                    r["majority_baseline"]] for r in results])
-    figs = {}
-    fig, ax = new_figure()
-    for r in results:
-        xs = [c["shots"] for c in r["curve"]]
-        ax.errorbar(xs, [c["accuracy_mean"] for c in r["curve"]], yerr=[c["accuracy_std"] for c in r["curve"]],
-                    marker="o", capsize=3, label=f"{r['dataset']} ({r['n_labels']}-way)")
-    if all(c["shots"] > 0 for r in results for c in r["curve"]):
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel("demonstrations")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title(f"{adapter.name}: many-shot ICL")
-    figs["icl_accuracy.png"] = fig
+    figs = {"icl_accuracy.png": _accuracy_figure(adapter, results)}
     rob = [r for r in results if "robustness" in r]
     if rob:
-        md += "\n\n## Order robustness (accuracy over permutations of one demonstration set)\n\n"
-        rows = []
-        for r in rob:
-            for how, a in r["robustness"]["arrangements"].items():
-                rows.append([r["dataset"], r["robustness"]["shots"], how, a["mean"], a["std"], a["spread"], a["best"],
-                             a["worst"]])
-        md += markdown_table(["dataset", "shots", "arrangement", "mean", "std", "spread (best − worst)", "best",
-                              "worst"], rows)
-        fig2, axes = new_figure(4.0 * len(rob), 3.8, ncols=len(rob))
-        axes = axes if isinstance(axes, list) else [axes]
-        for ax2, r in zip(axes, rob):
-            arr = r["robustness"]["arrangements"]
-            names = list(arr)
-            ax2.boxplot([arr[n]["accuracies"] for n in names])
-            ax2.set_xticks(range(1, len(names) + 1), names)
-            for i, n in enumerate(names, 1):
-                ax2.scatter([i] * len(arr[n]["accuracies"]), arr[n]["accuracies"], s=10, color="C1", zorder=3)
-            ax2.set_title(f"{r['dataset']}, {r['robustness']['shots']} shots")
-            ax2.set_ylabel("accuracy")
-        fig2.suptitle(f"{adapter.name}: order robustness")
-        figs["icl_robustness.png"] = fig2
-    result = TaskResult("icl", {"datasets": results}, md, figs, notes)
+        figs["icl_robustness.png"] = _robustness_figure(adapter, rob)
+    result = TaskResult("icl", {"datasets": results}, _markdown(results), figs, notes)
     return finish(result, adapter, tokenizer, options, out_dir, started)
 
 

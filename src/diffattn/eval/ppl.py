@@ -105,19 +105,11 @@ def corpus_stream(corpus, tokenizer) -> tuple[list[list[int]], list[int]]:
 
 # --------------------------------------------------------------------------- the task
 
-def run_ppl(adapter, tokenizer, options: PplOptions, out_dir=None) -> dict:
-    """Validation perplexity + cumulative NLL by position; writes results into ``out_dir`` (if given)."""
-    started = start_task(adapter, options)
-    seq_len = options.seq_len or adapter.max_len
-    prefix = tokenizer.prefix_ids
-    width = seq_len - len(prefix)
-    if width < 2:
-        raise UsageError(f"--seq-len {seq_len} leaves no room for text after {len(prefix)} special token(s)")
-    corpus = load_corpus(options.data, tokenizer)
-    docs, stream = corpus_stream(corpus, tokenizer)
-    nll, count = mean_nll(adapter, stream, width, prefix, options.max_tokens, options.batch_size)
-
-    # NLL by position
+def _position_windows(docs: list[list[int]], stream: list[int], width: int, prefix: Sequence[int],
+                     options: PplOptions) -> tuple[str, list[tuple[list[int], list[int]]]]:
+    """The windows (x, y) of the NLL-by-position curve and their source (``documents`` or ``stream``; ``auto``
+    resolved): up to ``max_docs`` held-out documents of at least W+1 tokens, each from its start (a seeded
+    choice, kept in corpus order), or the first ``max_docs`` stream windows."""
     long_docs = [d for d in docs if len(d) >= width + 1]
     source = options.position_source
     if source == "auto":
@@ -134,40 +126,76 @@ def run_ppl(adapter, tokenizer, options: PplOptions, out_dir=None) -> dict:
         windows = []
         for x, y in window_batches(stream, width, prefix, options.max_docs * width, 1, "cpu"):
             windows.append((x[0].tolist(), y[0].tolist()))
+    return source, windows
+
+
+def _nll_by_position(adapter, windows: list[tuple[list[int], list[int]]], width: int, n_prefix: int,
+                    batch_size: int) -> tuple[list[float], list[float], int]:
+    """Mean NLL at each text position 1..W over the windows, its cumulative average over 1..p, the window count."""
     sums = torch.zeros(width, dtype=torch.float64)
     n_win = 0
-    for i in range(0, len(windows), options.batch_size):
-        chunk = windows[i:i + options.batch_size]
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i:i + batch_size]
         x = torch.tensor([c[0] for c in chunk], device=adapter.device)
         y = torch.tensor([c[1] for c in chunk], device=adapter.device)
-        sums += token_nll(adapter, x, y)[:, len(prefix):].sum(0)
+        sums += token_nll(adapter, x, y)[:, n_prefix:].sum(0)
         n_win += len(chunk)
     per_pos = (sums / max(n_win, 1)).tolist()
     cum = (torch.cumsum(sums / max(n_win, 1), 0) / torch.arange(1, width + 1, dtype=torch.float64)).tolist()
+    return per_pos, cum, n_win
+
+
+def _markdown(data: dict) -> str:
+    """The perplexity table and the NLL-by-position table at positions 1, 2, 4, … and W."""
+    nll, count, seq_len, width = data["val_loss"], data["tokens_scored"], data["seq_len"], data["window_text_tokens"]
+    curve = data["position_curve"]
+    per_pos, cum = curve["nll"], curve["cumulative_nll"]
+    marks = sorted({p for p in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+                    if p <= width} | {width})
+    md = "## Validation perplexity\n\n" + markdown_table(
+        ["val loss (nats/token)", "perplexity", "tokens scored", "seq len"], [[nll, math.exp(nll), count, seq_len]])
+    md += (f"\n\n## Cumulative average NLL by position ({curve['source']} windows: {curve['windows']})\n\n"
+           + markdown_table(["position", "NLL at p", "cumulative NLL (1..p)"],
+                            [[p, per_pos[p - 1], cum[p - 1]] for p in marks]))
+    return md
+
+
+def _figure(adapter, data: dict):
+    """NLL at each position and its cumulative average against the position (log axis)."""
+    curve = data["position_curve"]
+    fig, ax = new_figure()
+    xs = curve["positions"]
+    ax.plot(xs, curve["nll"], color="0.75", linewidth=0.6, label="NLL at position p")
+    ax.plot(xs, curve["cumulative_nll"], color="C0", linewidth=2.0, label="cumulative average NLL (1..p)")
+    ax.set_xscale("log")
+    ax.set_xlabel("token position p")
+    ax.set_ylabel("NLL (nats)")
+    ax.set_title(f"{adapter.name}: val ppl {math.exp(data['val_loss']):.2f}")
+    ax.legend()
+    return fig
+
+
+def run_ppl(adapter, tokenizer, options: PplOptions, out_dir=None) -> dict:
+    """Validation perplexity + cumulative NLL by position; writes results into ``out_dir`` (if given)."""
+    started = start_task(adapter, options)
+    seq_len = options.seq_len or adapter.max_len
+    prefix = tokenizer.prefix_ids
+    width = seq_len - len(prefix)
+    if width < 2:
+        raise UsageError(f"--seq-len {seq_len} leaves no room for text after {len(prefix)} special token(s)")
+    corpus = load_corpus(options.data, tokenizer)
+    docs, stream = corpus_stream(corpus, tokenizer)
+    nll, count = mean_nll(adapter, stream, width, prefix, options.max_tokens, options.batch_size)
+    source, windows = _position_windows(docs, stream, width, prefix, options)
+    per_pos, cum, n_win = _nll_by_position(adapter, windows, width, len(prefix), options.batch_size)
 
     data = {"val_loss": nll, "perplexity": math.exp(nll), "tokens_scored": count, "seq_len": seq_len,
             "window_text_tokens": width, "prefix_tokens": len(prefix),
             "corpus": {"spec": corpus.spec, "kind": corpus.kind, "documents": len(docs), "tokens": len(stream)},
             "position_curve": {"source": source, "windows": n_win, "positions": list(range(1, width + 1)),
                                "nll": per_pos, "cumulative_nll": cum}}
-    marks = sorted({p for p in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
-                    if p <= width} | {width})
-    md = "## Validation perplexity\n\n" + markdown_table(
-        ["val loss (nats/token)", "perplexity", "tokens scored", "seq len"], [[nll, math.exp(nll), count, seq_len]])
-    md += (f"\n\n## Cumulative average NLL by position ({source} windows: {n_win})\n\n"
-           + markdown_table(["position", "NLL at p", "cumulative NLL (1..p)"],
-                            [[p, per_pos[p - 1], cum[p - 1]] for p in marks]))
-    fig, ax = new_figure()
-    xs = list(range(1, width + 1))
-    ax.plot(xs, per_pos, color="0.75", linewidth=0.6, label="NLL at position p")
-    ax.plot(xs, cum, color="C0", linewidth=2.0, label="cumulative average NLL (1..p)")
-    ax.set_xscale("log")
-    ax.set_xlabel("token position p")
-    ax.set_ylabel("NLL (nats)")
-    ax.set_title(f"{adapter.name}: val ppl {math.exp(nll):.2f}")
-    ax.legend()
     notes = [] if source == options.position_source else [f"position_source auto -> {source}"]
-    result = TaskResult("ppl", data, md, {"nll_by_position.png": fig}, notes)
+    result = TaskResult("ppl", data, _markdown(data), {"nll_by_position.png": _figure(adapter, data)}, notes)
     return finish(result, adapter, tokenizer, options, out_dir, started)
 
 

@@ -110,14 +110,9 @@ def quantizer(bits: int, granularity: str):
     return fn
 
 
-def run_quant(adapter, tokenizer, options: QuantOptions, out_dir=None) -> dict:
-    """Validation loss and needle accuracy with k-bit attention logits."""
-    started = start_task(adapter, options)
-    corpus = load_corpus(options.data, tokenizer)
-    _, stream = corpus_stream(corpus, tokenizer)
-    seq_len = options.seq_len or adapter.max_len
-    prefix = tokenizer.prefix_ids
-    width = seq_len - len(prefix)
+def _needle_setup(adapter, tokenizer, corpus, options: QuantOptions):
+    """The needle generator, the (N, R) pairs and the prompt lengths of the needle check (None, [], [] without
+    ``--needle``); a length too short for the needles is an error."""
     gen, nr, lengths = None, [], []
     if options.needle:
         gen = NeedleGenerator(tokenizer, corpus.texts())
@@ -128,6 +123,12 @@ def run_quant(adapter, tokenizer, options: QuantOptions, out_dir=None) -> dict:
         for x in lengths:
             if x < need:
                 raise UsageError(f"--needle-lengths {x}: too short for the needles and the template (need {need})")
+    return gen, nr, lengths
+
+
+def _rows(adapter, tokenizer, options: QuantOptions, stream, width: int, prefix, gen, nr, lengths) -> list[dict]:
+    """One row per bit width, the most bits first: validation loss (and needle accuracy) with the attention logits
+    fake-quantised (16 bits: unquantised), and the loss difference to the unquantised row."""
     rows = []
     for bits in sorted(set(options.bits), reverse=True):
         def measure():
@@ -151,24 +152,43 @@ def run_quant(adapter, tokenizer, options: QuantOptions, out_dir=None) -> dict:
     base = next((r for r in rows if not r["quantized"]), None)
     for r in rows:
         r["delta_loss"] = (r["val_loss"] - base["val_loss"]) if base else None
-    header = ["bits", "val loss", "Δ loss vs 16-bit", "perplexity"] + (["needle accuracy"] if gen else [])
-    md = (f"## Attention logits quantised (absmax, symmetric, per {options.granularity})\n\n"
-          + markdown_table(header, [[("16 (none)" if not r["quantized"] else r["bits"]), r["val_loss"], r["delta_loss"],
-                                     r["perplexity"]] + ([r["needle_accuracy"]] if gen else []) for r in rows]))
-    fig, axes = new_figure(10 if gen else 6, 3.8, ncols=2 if gen else 1)
+    return rows
+
+
+def _figure(adapter, rows: list[dict], granularity: str, needle: bool):
+    """Validation loss (and needle accuracy) against the logit bits."""
+    fig, axes = new_figure(10 if needle else 6, 3.8, ncols=2 if needle else 1)
     axes = axes if isinstance(axes, list) else [axes]
     bits_sorted = [r["bits"] for r in rows]
     axes[0].plot(bits_sorted, [r["val_loss"] for r in rows], marker="o")
     axes[0].set_xlabel("attention-logit bits")
     axes[0].set_ylabel("validation loss")
     axes[0].invert_xaxis()
-    if gen:
+    if needle:
         axes[1].plot(bits_sorted, [r["needle_accuracy"] for r in rows], marker="o", color="C1")
         axes[1].set_xlabel("attention-logit bits")
         axes[1].set_ylabel("needle accuracy")
         axes[1].set_ylim(-0.02, 1.02)
         axes[1].invert_xaxis()
-    fig.suptitle(f"{adapter.name}: low-bit attention logits ({options.granularity} absmax)")
+    fig.suptitle(f"{adapter.name}: low-bit attention logits ({granularity} absmax)")
+    return fig
+
+
+def run_quant(adapter, tokenizer, options: QuantOptions, out_dir=None) -> dict:
+    """Validation loss and needle accuracy with k-bit attention logits."""
+    started = start_task(adapter, options)
+    corpus = load_corpus(options.data, tokenizer)
+    _, stream = corpus_stream(corpus, tokenizer)
+    seq_len = options.seq_len or adapter.max_len
+    prefix = tokenizer.prefix_ids
+    width = seq_len - len(prefix)
+    gen, nr, lengths = _needle_setup(adapter, tokenizer, corpus, options)
+    rows = _rows(adapter, tokenizer, options, stream, width, prefix, gen, nr, lengths)
+    header = ["bits", "val loss", "Δ loss vs 16-bit", "perplexity"] + (["needle accuracy"] if gen else [])
+    md = (f"## Attention logits quantised (absmax, symmetric, per {options.granularity})\n\n"
+          + markdown_table(header, [[("16 (none)" if not r["quantized"] else r["bits"]), r["val_loss"], r["delta_loss"],
+                                     r["perplexity"]] + ([r["needle_accuracy"]] if gen else []) for r in rows]))
+    fig = _figure(adapter, rows, options.granularity, bool(gen))
     data = {"granularity": options.granularity, "seq_len": seq_len, "rows": rows,
             "needle": {"nr": [f"{n}/{r}" for n, r in nr], "lengths": lengths, "depths": options.needle_depths,
                        "samples": options.needle_samples} if gen else None,

@@ -349,6 +349,43 @@ def study_fingerprint(study: StudyConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _run_recall_only(study: StudyConfig, out: Path, record: dict, t_start: float, log) -> dict:
+    """A study of the recall task alone: no language model is trained and no corpus is needed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STUDY_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    recall = recall_study(study, out, log)
+    results = {"preset": study.name, "source": study.source, "fingerprint": record["fingerprint"],
+               "variants": list(study.variants), "seeds": [], "tasks": list(study.tasks), "data": None,
+               "train": {}, "needle_mix": {}, "models": recall["models"], "runs": {}, "cost": None,
+               "recall": recall, "environment": environment(), "wall_time_s": time.time() - t_start}
+    return _write_results(out, results)
+
+
+def _train_and_evaluate_all(study: StudyConfig, out: Path, data: Path, tokenizer, haystack, log) -> dict:
+    """Every (seed, variant) run, seed by seed: train it, evaluate its checkpoint, read its metrics."""
+    runs: dict[str, dict[int, dict]] = {v: {} for v in study.variants}
+    for seed in study.seeds:
+        for variant in study.variants:
+            run_dir = out / "runs" / variant / f"seed{seed}"
+            summary = train_run(study, variant, seed, data, run_dir, tokenizer, haystack, log)
+            evals = evaluate_run(study, Path(summary["checkpoint"]), data, run_dir / "eval", seed, log)
+            runs[variant][seed] = {"summary": summary, "metrics": read_metrics(run_dir), "eval": evals,
+                                   "run_dir": str(run_dir.relative_to(out))}
+    return runs
+
+
+def _study_cost(study: StudyConfig, out: Path, data: Path, vocab_size: int, log) -> dict | None:
+    """Speed and memory of every variant at the baseline's training shape (None with ``bench_repeats = 0``)."""
+    from ..train.config import TrainConfig
+
+    if study.bench_repeats <= 0:
+        return None
+    tcfg = TrainConfig.from_dict({**study.train, "data": str(data), "out": str(out)})
+    seq_len = tcfg.resolved_seq_len(study.baseline)
+    micro = tcfg.batch_size // tcfg.grad_accum
+    return measure_cost(study, vocab_size, seq_len, micro, study.bench_repeats, log)
+
+
 def run_compare(study: StudyConfig, out: str | os.PathLike, *, data_dir: str | None = None,
                 log: Callable[[str], None] = print) -> dict:
     from ..eval.tokenizer import TextTokenizer
@@ -359,16 +396,8 @@ def run_compare(study: StudyConfig, out: str | os.PathLike, *, data_dir: str | N
     from ..train.config import TrainConfig
 
     t_start = time.time()
-    lm = any(t != "recall" for t in study.tasks)  # recall alone trains no language model and needs no corpus
-    if not lm:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / STUDY_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        recall = recall_study(study, out, log)
-        results = {"preset": study.name, "source": study.source, "fingerprint": record["fingerprint"],
-                   "variants": list(study.variants), "seeds": [], "tasks": list(study.tasks), "data": None,
-                   "train": {}, "needle_mix": {}, "models": recall["models"], "runs": {}, "cost": None,
-                   "recall": recall, "environment": environment(), "wall_time_s": time.time() - t_start}
-        return _write_results(out, results)
+    if all(t == "recall" for t in study.tasks):  # recall alone trains no language model and needs no corpus
+        return _run_recall_only(study, out, record, t_start, log)
     data = prepare_data(study, data_dir, log)
     for variant in study.variants:  # validate every run's settings before anything is written
         TrainConfig.from_dict({**study.train, "data": str(data), "out": str(out), "seed": study.seeds[0]}
@@ -377,24 +406,9 @@ def run_compare(study: StudyConfig, out: str | os.PathLike, *, data_dir: str | N
     (out / STUDY_FILE).write_text(json.dumps(record, indent=1) + "\n")
     tokenizer = TextTokenizer.from_file(data / "tokenizer.json")
     haystack = haystack_texts(data, tokenizer) if study.needle_share > 0 else []
-
-    runs: dict[str, dict[int, dict]] = {v: {} for v in study.variants}
-    for seed in study.seeds:
-        for variant in study.variants:
-            run_dir = out / "runs" / variant / f"seed{seed}"
-            summary = train_run(study, variant, seed, data, run_dir, tokenizer, haystack, log)
-            evals = evaluate_run(study, Path(summary["checkpoint"]), data, run_dir / "eval", seed, log)
-            runs[variant][seed] = {"summary": summary, "metrics": read_metrics(run_dir), "eval": evals,
-                                   "run_dir": str(run_dir.relative_to(out))}
-
+    runs = _train_and_evaluate_all(study, out, data, tokenizer, haystack, log)
     recall = recall_study(study, out, log) if "recall" in study.tasks else None
-
-    cost = None
-    if study.bench_repeats > 0:
-        tcfg = TrainConfig.from_dict({**study.train, "data": str(data), "out": str(out)})
-        seq_len = tcfg.resolved_seq_len(study.baseline)
-        micro = tcfg.batch_size // tcfg.grad_accum
-        cost = measure_cost(study, tokenizer.vocab_size, seq_len, micro, study.bench_repeats, log)
+    cost = _study_cost(study, out, data, tokenizer.vocab_size, log)
 
     results = {
         "preset": study.name, "source": study.source, "fingerprint": record["fingerprint"],

@@ -314,42 +314,14 @@ class DiffAttnForCausalLM(DiffAttnPreTrainedModel, GenerationMixin):
             positions are counted from ``attention_mask``, as ``DecoderLM`` does.
         output_attentions: the effective (differential) maps of each layer; needs kernel "eager".
         """
-        if kwargs.get("position_ids") is not None:
-            raise ValueError("position_ids is not supported: diffattn counts rotary positions from attention_mask "
-                             "(left padding is handled); pass attention_mask instead")
-        unknown = sorted(k for k, v in kwargs.items() if k not in self._ignored_kwargs and v is not None and v is not False)
-        if unknown:
-            raise TypeError(f"DiffAttnForCausalLM.forward got unsupported argument(s): {', '.join(unknown)}")
-        if inputs_embeds is not None:
-            raise ValueError("DiffAttnForCausalLM takes input_ids, not inputs_embeds")
-        if input_ids is None:
-            raise ValueError("input_ids is required")
-        if output_hidden_states:
-            raise ValueError("output_hidden_states is not supported by DiffAttnForCausalLM")
+        self._check_forward_arguments(input_ids, inputs_embeds, output_hidden_states, kwargs)
         output_attentions = bool(output_attentions)
         return_dict = self.config.return_dict if return_dict is None else return_dict
 
         b, t = input_ids.shape[0], input_ids.shape[-1]
-        if past_key_values is not None and not isinstance(past_key_values, DiffAttnCache):
-            if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
-                past_key_values = None  # an empty cache of another type: replace it with ours
-                use_cache = True
-            else:
-                raise ValueError(f"past_key_values must be a DiffAttnCache, got {type(past_key_values).__name__}")
-        if use_cache is None:
-            use_cache = past_key_values is not None
-        if use_cache and past_key_values is None:
-            past_key_values = DiffAttnCache()
+        past_key_values, use_cache = self._step_cache(past_key_values, use_cache)
         past = 0 if past_key_values is None else past_key_values.get_seq_length()
-
-        new_mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] not in (t, past + t):
-                raise ValueError(f"attention_mask must have shape ({b}, {t}) or ({b}, {past + t}), "
-                                 f"got {tuple(attention_mask.shape)}")
-            new_mask = attention_mask[:, -t:]
-            if bool(new_mask.all()):
-                new_mask = None  # all real tokens: keep the fused causal fast path
+        new_mask = self._new_tokens_mask(attention_mask, b, t, past)
 
         kv = past_key_values.for_step(self.model, b, t) if past_key_values is not None else None
         out = self.model(input_ids, attention_mask=new_mask, cache=kv, return_maps=output_attentions)
@@ -369,6 +341,50 @@ class DiffAttnForCausalLM(DiffAttnPreTrainedModel, GenerationMixin):
                                         past_key_values=past_key_values if use_cache else None,
                                         attentions=attentions)
         return result if return_dict else result.to_tuple()
+
+    def _check_forward_arguments(self, input_ids, inputs_embeds, output_hidden_states, kwargs: dict) -> None:
+        """Refuse what :meth:`forward` does not support (position_ids, inputs_embeds, hidden states, unknown
+        keyword arguments) with an error that says so."""
+        if kwargs.get("position_ids") is not None:
+            raise ValueError("position_ids is not supported: diffattn counts rotary positions from attention_mask "
+                             "(left padding is handled); pass attention_mask instead")
+        unknown = sorted(k for k, v in kwargs.items() if k not in self._ignored_kwargs and v is not None and v is not False)
+        if unknown:
+            raise TypeError(f"DiffAttnForCausalLM.forward got unsupported argument(s): {', '.join(unknown)}")
+        if inputs_embeds is not None:
+            raise ValueError("DiffAttnForCausalLM takes input_ids, not inputs_embeds")
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        if output_hidden_states:
+            raise ValueError("output_hidden_states is not supported by DiffAttnForCausalLM")
+
+    @staticmethod
+    def _step_cache(past_key_values, use_cache: bool | None) -> tuple[DiffAttnCache | None, bool]:
+        """The cache of this call and whether to return it: a DiffAttnCache as given, a new one when ``use_cache``
+        (an empty cache of another type is replaced by ours; a filled one is an error)."""
+        if past_key_values is not None and not isinstance(past_key_values, DiffAttnCache):
+            if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
+                past_key_values = None  # an empty cache of another type: replace it with ours
+                use_cache = True
+            else:
+                raise ValueError(f"past_key_values must be a DiffAttnCache, got {type(past_key_values).__name__}")
+        if use_cache is None:
+            use_cache = past_key_values is not None
+        if use_cache and past_key_values is None:
+            past_key_values = DiffAttnCache()
+        return past_key_values, use_cache
+
+    @staticmethod
+    def _new_tokens_mask(attention_mask, b: int, t: int, past: int) -> torch.Tensor | None:
+        """The padding mask of the T new tokens (the last T columns of ``attention_mask``), or None when there is
+        none or every new token is real (the fused causal fast path)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] not in (t, past + t):
+            raise ValueError(f"attention_mask must have shape ({b}, {t}) or ({b}, {past + t}), "
+                             f"got {tuple(attention_mask.shape)}")
+        new_mask = attention_mask[:, -t:]
+        return None if bool(new_mask.all()) else new_mask
 
 
 __all__ = ["DiffAttnCache", "DiffAttnForCausalLM", "DiffAttnPreTrainedModel", "check_weights",

@@ -3,7 +3,8 @@ atomic checkpoints, DDP/FSDP2 under torchrun. See docs/training.md."""
 
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RECIPES, SCHEDULES, TrainConfig, load_run_file, resolve_model_config
-from .trainer import RunPlan, StepResult, Trainer, lm_loss, plan_configs, plan_run, run_lock, train
+from .plan import RunPlan, plan_configs, plan_run
+from .trainer import StepResult, Trainer, lm_loss, run_lock, train
 
 __all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "Trainer", "StepResult", "RunPlan", "plan_run", "plan_configs",
            "run_lock", "train", "lm_loss",

@@ -2,7 +2,7 @@
 
 Training objective: next-token cross-entropy (fp32 logits) on windows from
 :class:`diffattn.data.loader.WindowSampler`. One optimizer step (:meth:`Trainer.train_step`):
-set the scheduled LR (a pure function of the step, ``TrainConfig.lr_at``), run ``grad_accum``
+set the scheduled LR (a pure function of the step, ``TrainConfig.lr_at``: train/schedule.py), run ``grad_accum``
 micro-steps of this rank's slice of the step's global batch (bf16 autocast on GPU, fp32 on CPU),
 clip the global gradient norm, AdamW. Nothing in a step depends on anything but the model, the
 optimizer state and the step number, which is what makes resume exact: a checkpoint holds the
@@ -17,9 +17,10 @@ One entry point, plan -> lock -> ``Trainer(plan, sampler=...)`` -> ``fit``::
     plan = plan_run(tables, resume=True)                   # validation only: nothing is written
     trainer = Trainer(plan)                                # or step it yourself: trainer.train_step(step)
 
-:func:`plan_run` / :func:`plan_configs` open the data once, check every input once (configs, data, token ids,
-batch divisibility, the resume checkpoint and its config) and return a :class:`RunPlan` that carries the opened
-shards; the Trainer trusts it. The run directory's lock is taken in one place (:func:`run_lock`).
+:func:`plan_run` / :func:`plan_configs` (train/plan.py, re-exported here) open the data once, check every input
+once (configs, data, token ids, batch divisibility, the resume checkpoint and its config) and return a
+:class:`RunPlan` that carries the opened shards; the Trainer trusts it. The run directory's lock is taken in one
+place (:func:`run_lock`).
 """
 
 from __future__ import annotations
@@ -30,10 +31,8 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,21 +40,19 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..config import ModelConfig
-from ..data.loader import TokenShards, WindowSampler, eval_batches, n_eval_windows
+from ..data.loader import eval_batches, n_eval_windows
 from ..model import build_model
 from . import distributed as D
 from ..fsutil import write_text_atomic
-from ..checkpoint import read_config
 from ..utils.lock import DirLock
-from .checkpoint import (latest_checkpoint, latest_intact_checkpoint, load_checkpoint, read_train_state,
-                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (latest_checkpoint, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint,
+                         set_rng_state)
 from .faults import NumericsGuard, nan_injected
-from .config import TrainConfig, resolve_model_config
 from ..model.loss import lm_loss
 from .metrics import MetricsLog, flops_per_token, lambda_values, peak_flops
 from ..utils.progress import StepProgress, duration
 from .optim import build_optimizer, clip_grad_norm, set_lr
+from .plan import RunPlan, plan_configs, plan_run  # noqa: F401 (plan_configs: re-exported)
 
 RUN_FILE = "run.json"
 
@@ -82,116 +79,13 @@ class StepResult:
     skipped: bool = False  # non-finite loss or gradient on some rank: no update was made (faults.py)
 
 
-# ---------------------------------------------------------------------- planning (validation only)
-@dataclass(frozen=True, eq=False)
-class RunPlan:
-    """A validated run: nothing has been written yet. Carries the opened data (shards, window length)."""
-
-    model_config: ModelConfig
-    train_config: TrainConfig
-    resume_from: Path | None
-    changed: tuple[str, ...]  # TrainConfig fields that differ from the resumed checkpoint's
-    train_shards: TokenShards
-    val_shards: TokenShards
-    seq_len: int
-    world_size: int
-
-    def window_sampler(self) -> WindowSampler:
-        """The run's own data order (what ``Trainer`` uses unless given another sampler)."""
-        cfg = self.train_config
-        return WindowSampler(self.train_shards, self.seq_len, cfg.batch_size, cfg.seed)
-
-    def with_train(self, **changes) -> "RunPlan":
-        """The same plan with ``TrainConfig`` fields changed that do not affect validation (compile, ...)."""
-        return dataclasses.replace(self, train_config=self.train_config.replace(**changes))
-
-
-def plan_run(tables: dict[str, dict], *, resume: bool = False, world_size: int | None = None) -> RunPlan:
-    """Validate a run from ``[model]``/``[train]`` tables (configs, data directory, checkpoints, batch
-    divisibility) without side effects. Raises ValueError / FileNotFoundError with one line naming the problem."""
-    config = TrainConfig.from_dict(tables.get("train", {}))
-    train = TokenShards(config.data, "train")
-    model_config = resolve_model_config(tables.get("model", {}), train.vocab_size)
-    return _plan(model_config, config, train, resume=resume, world_size=world_size)
-
-
-def plan_configs(model_config: ModelConfig, config: TrainConfig, *, resume: bool = False,
-                 world_size: int | None = None) -> RunPlan:
-    """:func:`plan_run` for configs built in Python (the comparison study)."""
-    return _plan(model_config, config, TokenShards(config.data, "train"), resume=resume, world_size=world_size)
-
-
-def _plan(model_config: ModelConfig, config: TrainConfig, train: TokenShards, *, resume: bool,
-          world_size: int | None) -> RunPlan:
-    val = TokenShards(config.data, "val")
-    if model_config.vocab_size < train.vocab_size:
-        raise ValueError(f"ModelConfig.vocab_size: {model_config.vocab_size} is smaller than the data's "
-                         f"vocab_size {train.vocab_size} ({Path(config.data) / 'index.json'})")
-    check_memory(model_config, config)
-    for shards in (train, val):  # a corrupt or foreign shard could feed the embedding ids it does not have
-        check_token_ids(shards, model_config.vocab_size)
-    seq_len = config.resolved_seq_len(model_config)
-    WindowSampler(train, seq_len, config.batch_size, config.seed)  # enough train tokens for one window
-    if n_eval_windows(val, seq_len) < 1:
-        raise ValueError(f"{config.data}: split 'val' has {len(val)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-    world = D.env_world_size() if world_size is None else world_size
-    if config.batch_size % (world * config.grad_accum):  # the one divisibility check
-        raise ValueError(f"TrainConfig.batch_size: {config.batch_size} is not divisible by world_size*grad_accum "
-                         f"= {world}*{config.grad_accum}")
-    common = dict(train_shards=train, val_shards=val, seq_len=seq_len, world_size=world)
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"TrainConfig.out: {out} exists and is not a directory")
-    latest = latest_checkpoint(out)
-    if resume:
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
-        corrupt: list[tuple[Path, Exception]] = []
-        latest = latest_intact_checkpoint(out, report=lambda path, err: corrupt.append((path, err)))
-        if latest is None:
-            raise ValueError(f"--resume: no intact checkpoint in {out / 'checkpoints'} (newest: {corrupt[0][1]})")
-        if corrupt:  # one line: which ones are skipped and why, and where the run continues
-            print(f"diffattn train: skipping corrupt checkpoint {', '.join(p.name for p, _ in corrupt)} "
-                  f"({corrupt[0][1]}); resuming from {latest.name}", file=sys.stderr, flush=True)
-        saved = read_config(latest)
-        if saved != model_config:
-            diff = [k for k, v in saved.to_dict().items() if model_config.to_dict()[k] != v]
-            raise ValueError(f"--resume: the model config differs from the checkpoint {latest} "
-                             f"in {', '.join(diff)}")
-        saved_train = read_train_state(latest).get("train_config", {})
-        changed = tuple(k for k, v in config.to_dict().items() if k in saved_train and saved_train[k] != v)
-        return RunPlan(model_config, config, latest, changed, **common)
-    if latest is not None:
-        raise ValueError(f"TrainConfig.out: {out} already holds checkpoints (latest {latest.name}); "
-                         f"pass --resume to continue it or choose another out")
-    return RunPlan(model_config, config, None, (), **common)
-
-
-def check_memory(model_config: ModelConfig, config: TrainConfig) -> None:
-    """Refuse (ValueError) a model whose fp32 weights (built on the host before moving to a GPU),
-    or on CPU weights + gradients + AdamW state (16 bytes/parameter), exceed this machine's memory."""
-    with torch.device("meta"):
-        n = sum(p.numel() for p in build_model(model_config).parameters())
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    need = n * (16 if on_cpu else 4)
-    if need > ram:
-        what = "weights, gradients and AdamW state" if on_cpu else "fp32 weights (built on the host)"
-        raise ValueError(f"ModelConfig: {n:,} parameters need about {need / 2**30:,.1f} GiB for {what}, more "
-                         f"than this machine's {ram / 2**30:,.1f} GiB of memory")
-
-
-def check_token_ids(shards: TokenShards, vocab_size: int, chunk: int = 1 << 24) -> None:
-    """Refuse (ValueError naming the file) a shard holding a token id >= ``vocab_size`` (reads all tokens)."""
-    for entry, arr in zip((e for e in shards.index["splits"][shards.split] if e["tokens"]), shards._arrays):
-        for lo in range(0, len(arr), chunk):
-            top = int(arr[lo:lo + chunk].max())
-            if top >= vocab_size:
-                raise ValueError(f"{shards.dir / entry['file']}: token id {top} is out of range for vocab_size "
-                                 f"{vocab_size} (corrupt or foreign shard)")
+@dataclass
+class _LogWindow:
+    """The training steps since the last train record: their summed loss, count and time, the tokens before them."""
+    loss: torch.Tensor
+    n: int
+    train_time: float
+    tokens: int
 
 
 # ---------------------------------------------------------------------- the trainer
@@ -220,38 +114,12 @@ class Trainer:
         self.sampler = sampler if sampler is not None else plan.window_sampler()
         self.autocast_dtype = self._autocast_dtype()
 
-        torch.manual_seed(config.seed)
-        raw = build_model(model_config)
-        resumed = None
-        if plan.resume_from is not None:  # the plan compared its config with ours
-            _, model_state, optim_state, resumed = load_checkpoint(plan.resume_from)
-            raw.load_state_dict(model_state, strict=True)
-        raw.to(self.device)
-        self.n_params = raw.param_counts()["total"]
-        self.flops_per_token = flops_per_token(raw, model_config, self.seq_len)
-        if config.activation_checkpointing:
-            enable_activation_checkpointing(raw)
-        self.model = D.wrap(raw, config, info)  # what train steps call (DDP wrapper or raw)
-        self.raw = raw  # the DecoderLM itself (sharded in place under FSDP)
-        if config.compile:
-            # per block, as torchtitan: one graph reused by every layer and no graph breaks from the
-            # model's input checks. Only ``forward`` is compiled, so the DDP/FSDP2 module hooks around
-            # it stay eager, and parameter names do not change.
-            for block in raw.layers:
-                block.forward = torch.compile(block.forward)
-        self.optimizer = build_optimizer(raw, config)
+        optim_state, resumed = self._build_model()
+        self.optimizer = build_optimizer(self.raw, config)
         self.step, self.tokens = 0, 0
         self.resumed_state = resumed
         if resumed is not None:
-            D.load_full_optimizer_state(raw, self.optimizer, optim_state)
-            for group in self.optimizer.param_groups:  # hyper-parameters: the current config, by group name
-                group["betas"] = (config.beta1, config.beta2)
-                group["eps"] = config.eps
-                group["weight_decay"] = {"decay": config.weight_decay, "no_decay": 0.0}[group["name"]]
-            self.step, self.tokens = int(resumed["step"]), int(resumed["tokens"])
-            states = resumed.get("rng") or []
-            if states:
-                set_rng_state(states[info.rank % len(states)])
+            self._continue_from(optim_state, resumed)
         self.peak_flops = peak_flops(self.device, config.peak_tflops)
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
@@ -261,6 +129,45 @@ class Trainer:
         self.guard = NumericsGuard(config.max_skipped_steps, config.lambda_alarm, config.grad_spike_factor,
                                    skipped=int((resumed or {}).get("skipped_steps", 0)))
         self.load_s = time.perf_counter() - t_load  # model, optimizer, data (and the checkpoint when resuming)
+
+    def _build_model(self) -> tuple[dict | None, dict | None]:
+        """Seed torch and build the model (with the checkpoint's weights when resuming) on the device, wrapped for
+        DDP/FSDP2, its blocks compiled when asked. Returns the checkpoint's optimizer state and train state."""
+        config = self.config
+        torch.manual_seed(config.seed)
+        raw = build_model(self.model_config)
+        optim_state = resumed = None
+        if self.plan.resume_from is not None:  # the plan compared its config with ours
+            _, model_state, optim_state, resumed = load_checkpoint(self.plan.resume_from)
+            raw.load_state_dict(model_state, strict=True)
+        raw.to(self.device)
+        self.n_params = raw.param_counts()["total"]
+        self.flops_per_token = flops_per_token(raw, self.model_config, self.seq_len)
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(raw)
+        self.model = D.wrap(raw, config, self.info)  # what train steps call (DDP wrapper or raw)
+        self.raw = raw  # the DecoderLM itself (sharded in place under FSDP)
+        if config.compile:
+            # per block, as torchtitan: one graph reused by every layer and no graph breaks from the
+            # model's input checks. Only ``forward`` is compiled, so the DDP/FSDP2 module hooks around
+            # it stay eager, and parameter names do not change.
+            for block in raw.layers:
+                block.forward = torch.compile(block.forward)
+        return optim_state, resumed
+
+    def _continue_from(self, optim_state: dict, resumed: dict) -> None:
+        """Resume: the checkpoint's optimizer state under the current config's hyper-parameters, its step and
+        token counts, and this rank's RNG state."""
+        config = self.config
+        D.load_full_optimizer_state(self.raw, self.optimizer, optim_state)
+        for group in self.optimizer.param_groups:  # hyper-parameters: the current config, by group name
+            group["betas"] = (config.beta1, config.beta2)
+            group["eps"] = config.eps
+            group["weight_decay"] = {"decay": config.weight_decay, "no_decay": 0.0}[group["name"]]
+        self.step, self.tokens = int(resumed["step"]), int(resumed["tokens"])
+        states = resumed.get("rng") or []
+        if states:
+            set_rng_state(states[self.info.rank % len(states)])
 
     # ------------------------------------------------------------------ numerics
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -393,45 +300,18 @@ class Trainer:
                     self._eval_and_log(log)
                     evaluated_at = 0
                 t0 = time.perf_counter()
-                train_time, tokens_log = 0.0, self.tokens  # tokens/s counts training steps only (no eval/saves)
-                loss_acc, n_acc = torch.zeros((), device=self.device), 0
+                window = self._log_window()
                 while self.step < target and not self._stop_requested():
                     t_step = time.perf_counter()
                     result = self.train_step(self.step)
-                    train_time += time.perf_counter() - t_step
+                    window.train_time += time.perf_counter() - t_step
                     self.step += 1
                     self.tokens += self.tokens_per_step
-                    if result.skipped:  # counted and logged; too many stop the run, keeping the last checkpoint
-                        log.write(self.guard.skip(self.step, float(result.loss), float(result.grad_norm)))
-                        if self.guard.over_limit():
-                            raise self.guard.fault(self.step, self.last_checkpoint or latest_checkpoint(self.out))
-                    else:
-                        loss_acc += result.loss
-                        n_acc += 1
-                        for alarm in self.guard.watch_grad(self.step, float(result.grad_norm)):
-                            log.write(alarm)
+                    self._count_step(result, log, window)
                     bar.advance()
                     if self.step % cfg.log_every == 0 or self.step == target:
-                        if self.device.type == "cuda":  # queued GPU work belongs to the training steps
-                            t_sync = time.perf_counter()
-                            torch.cuda.synchronize(self.device)
-                            train_time += time.perf_counter() - t_sync
-                        now = time.perf_counter()
-                        loss = float(D.all_reduce_sum(loss_acc.clone(), info)) / max(n_acc * info.world_size, 1)
-                        tok_s = (self.tokens - tokens_log) / max(train_time, 1e-9)
-                        record = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss,
-                                  "lr": result.lr, "grad_norm": float(result.grad_norm), "tokens_per_s": tok_s,
-                                  "elapsed_s": now - t0}
-                        if self.peak_flops:
-                            record["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * info.world_size)
-                        lams = lambda_values(self.raw)
-                        if lams:
-                            record["lambda"] = lams
-                        log.write(record)
-                        for alarm in self.guard.watch_lambda(self.step, lams):
-                            log.write(alarm)
-                        bar.report(self.step, loss=loss, tokens_per_s=tok_s, lambdas=lams)
-                        loss_acc, n_acc, train_time, tokens_log = torch.zeros((), device=self.device), 0, 0.0, self.tokens
+                        self._log_train(result, log, window, t0)
+                        window = self._log_window()
                     # the final evaluation comes before the final checkpoint, so its train_state carries it
                     if self.step == self.total_steps or (cfg.eval_every and self.step % cfg.eval_every == 0):
                         self._eval_and_log(log)
@@ -448,6 +328,46 @@ class Trainer:
             self._progress = None
             log.close()
         return self._summary()
+
+    def _log_window(self) -> "_LogWindow":
+        """An empty window: no step since the last train record."""
+        return _LogWindow(loss=torch.zeros((), device=self.device), n=0, train_time=0.0, tokens=self.tokens)
+
+    def _count_step(self, result: StepResult, log: MetricsLog, window: "_LogWindow") -> None:
+        """A skipped step is logged (too many stop the run, keeping the last checkpoint); an applied one adds its
+        loss to the window and its gradient norm to the spike watch."""
+        if result.skipped:
+            log.write(self.guard.skip(self.step, float(result.loss), float(result.grad_norm)))
+            if self.guard.over_limit():
+                raise self.guard.fault(self.step, self.last_checkpoint or latest_checkpoint(self.out))
+        else:
+            window.loss += result.loss
+            window.n += 1
+            for alarm in self.guard.watch_grad(self.step, float(result.grad_norm)):
+                log.write(alarm)
+
+    def _log_train(self, result: StepResult, log: MetricsLog, window: "_LogWindow", t0: float) -> None:
+        """The train record of the steps in ``window``: mean loss over them and all ranks, tokens/s of the training
+        steps alone (no evaluation or saving), MFU, λ; the λ alarms; the progress line."""
+        info = self.info
+        if self.device.type == "cuda":  # queued GPU work belongs to the training steps
+            t_sync = time.perf_counter()
+            torch.cuda.synchronize(self.device)
+            window.train_time += time.perf_counter() - t_sync
+        now = time.perf_counter()
+        loss = float(D.all_reduce_sum(window.loss.clone(), info)) / max(window.n * info.world_size, 1)
+        tok_s = (self.tokens - window.tokens) / max(window.train_time, 1e-9)
+        record = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss,
+                  "lr": result.lr, "grad_norm": float(result.grad_norm), "tokens_per_s": tok_s, "elapsed_s": now - t0}
+        if self.peak_flops:
+            record["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * info.world_size)
+        lams = lambda_values(self.raw)
+        if lams:
+            record["lambda"] = lams
+        log.write(record)
+        for alarm in self.guard.watch_lambda(self.step, lams):
+            log.write(alarm)
+        self._progress.report(self.step, loss=loss, tokens_per_s=tok_s, lambdas=lams)
 
     def _summary(self) -> dict:
         if self.last_val_loss is None and self.resumed_state is not None and self.step == self.resumed_state["step"]:

@@ -1,7 +1,7 @@
 """The one record of where a result was measured: date, command, versions, CPU and GPU. The comparison study
-(``results.json`` → ``environment``), the init study's document, ``diffattn bench`` (``--json`` → ``env``) and the
-GPU check (``1_env.json``) all write it; the report, ``benchmarks/to_markdown.py`` and
-``benchmarks/gpu_results_to_docs.py`` read it.
+(``results.json`` → ``environment``), the init study's document, the DEX study (``study.json`` → ``environment``),
+``diffattn bench`` (``--json`` → ``env``) and the GPU check (``1_env.json``) all write it; the report,
+``benchmarks/to_markdown.py`` and ``benchmarks/gpu_results_to_docs.py`` read it.
 
 It needs only torch, ``platform`` and the standard library (the GPU check runs it from the source tree on a
 machine where nothing is installed); torch is imported when it is called, not when this module is imported.
@@ -63,15 +63,17 @@ def _gpu(torch, index: int) -> dict[str, Any]:
 
 
 def environment(device: str | None = None) -> dict[str, Any]:
-    """Where a result was measured. ``device``: what the run computes on (``cpu``, ``cuda``, ``cuda:N``; None: CUDA
-    when available, else the CPU). ``device`` in the record is the GPU's name, else the device type (``cpu``); the GPU fields (``gpu``,
-    ``gpu_count``, ``gpu_memory_gib``, ``capability``, ``driver``) are there only when the run's device is a GPU.
-    A package that is not installed has the version None."""
+    """Where a result was measured. ``device``: what the run computes on (``cpu``, ``cuda``, ``cuda:N``; None or
+    ``auto``: CUDA when available, else the CPU). ``device`` in the record is the GPU's name, else the device type
+    (``cpu``); the GPU fields (``gpu``, ``gpu_count``, ``gpu_memory_gib``, ``capability``, ``driver``) are there
+    only when the run's device is a GPU. A package that is not installed has the version None."""
     import torch
 
     from .._version import __version__
 
-    on = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on = torch.device(device)
     env: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command_line(),
         "diffattn": __version__, "python": platform.python_version(), "platform": platform.platform(),
