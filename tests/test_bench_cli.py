@@ -161,8 +161,8 @@ def test_diffllama_has_our_shapes():
 def test_model_flops_diff_v1_attention_is_one_and_a_half_standard():
     shape = common.Shape(batch=1, seq_len=64, d_model=64, n_head=4, n_kv_head=4, head_dim=16, n_layer=2,
                          vocab_size=10, max_seq_len=64)
-    std_cfg, _ = common.variant_config(shape, "standard", "sdpa")
-    v1_cfg, _ = common.variant_config(shape, "diff_v1", "sdpa")
+    std_cfg, _ = common.bench_config(shape, "standard", "sdpa")
+    v1_cfg, _ = common.bench_config(shape, "diff_v1", "sdpa")
     std, v1 = build_model(std_cfg), build_model(v1_cfg)
     lin = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))  # noqa: E731
     attn_std = train.model_flops(std, std_cfg, shape) - 6 * lin(std) * 64

@@ -69,14 +69,14 @@ def _layer_rows(args, shape: common.Shape, rand, rows: dict[str, dict]):
 
     cfgs = {}
     for variant in args.variant_list:
-        cfg, matched = common.variant_config(shape, variant, args.kernel)
+        cfg, matched = common.bench_config(shape, variant, args.kernel)
         cfgs[variant] = cfg
         attn = build_attention(cfg, layer_idx=1)
         rope = Rotary(positions, cfg.head_dim, cfg.rope_theta, dt)
         kern = args.kernel if variants.fused_differential(variant) else "sdpa"  # fused kernels serve DIFF V1-like
         add_layer(f"{variant} [{kern}]", variant, f"diffattn {kern}", attn,
                   (lambda a=attn, r=rope: a(x, r)[0]), matched)
-    v1 = cfgs.get("diff_v1") or common.variant_config(shape, "diff_v1", args.kernel)[0]
+    v1 = cfgs.get("diff_v1") or common.bench_config(shape, "diff_v1", args.kernel)[0]
     if args.references:
         attn = use_authors_core(build_attention(v1, layer_idx=1))
         rope = Rotary(positions, v1.head_dim, v1.rope_theta, dt)
@@ -104,7 +104,7 @@ def _core_rows(args, shape: common.Shape, rand, cfgs: dict, v1, rows: dict[str, 
     kernel = get_kernel(args.kernel)
     std = [rand(b, h2, t, d).requires_grad_(), rand(b, kv2, t, d).requires_grad_(), rand(b, kv2, t, d).requires_grad_()]
     std_call = lambda: get_kernel("sdpa")(*std, scale=scale)[0]  # noqa: E731
-    rows["standard core [sdpa]"] = dict(scope="core", variant="standard", impl="one SDPA call", matched="baseline",
+    rows[f"{variants.BASELINE} core [sdpa]"] = dict(scope="core", variant=variants.BASELINE, impl="one SDPA call", matched="baseline",
                                         fwd=_fwd(std_call), fwd_bwd=_fwd_bwd(std_call, std))
     h, kv = v1.n_head, v1.n_kv_head
     q1, q2 = rand(b, h, t, d).requires_grad_(), rand(b, h, t, d).requires_grad_()
@@ -129,7 +129,7 @@ def _core_rows(args, shape: common.Shape, rand, cfgs: dict, v1, rows: dict[str, 
                rand(b, c2.n_kv_head, t, d).requires_grad_()]
         v2_call = lambda: get_kernel("sdpa")(*qv2, scale=scale)[0]  # noqa: E731
         rows["diff_v2 core [sdpa GQA]"] = dict(scope="core", variant="diff_v2", impl="one GQA SDPA call",
-                                               matched=common.variant_config(shape, "diff_v2", "sdpa")[1],
+                                               matched=common.bench_config(shape, "diff_v2", "sdpa")[1],
                                                fwd=_fwd(v2_call), fwd_bwd=_fwd_bwd(v2_call, qv2))
 
 
@@ -146,7 +146,7 @@ def run(args) -> int:
                                      device=args.device, progress=progress and (lambda m, mode=mode: progress(f"T={t} {mode}: {m}")))
             for n, s in res.items():
                 timed.setdefault(n, {})[mode] = s
-        base = {"layer": next(n for n, r in rows.items() if r["scope"] == "layer" and r["variant"] == "standard"),
+        base = {"layer": next(n for n, r in rows.items() if r["scope"] == "layer" and r["variant"] == variants.BASELINE),
                 "core": "standard core [sdpa]"}
         table = []
         for n, r in rows.items():

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import presets
+from .. import presets, variants
 from ..fsutil import write_text_atomic
 from ..utils.errors import UsageError
 from ..utils.runtime import DTYPES as RUNTIME_DTYPES
@@ -54,28 +54,33 @@ def shape_for(args, seq_len: int, batch: int | None = None) -> Shape:
                  vocab_size=getattr(args, "vocab_size", 256), max_seq_len=args.max_seq_len)
 
 
-def variant_config(shape: Shape, variant: str, kernel: str) -> tuple[ModelConfig, str]:
-    """(config, how it is matched). Parameter-matched (presets.matched) where the head counts allow;
-    DIFF V2 with a baseline whose head count is not a multiple of 3 falls back to the same *query*
-    width (n_head/2 output heads, i.e. n_head query heads: the blog's "identical kernel speed" pair)."""
+def bench_config(shape: Shape, variant: str, kernel: str) -> tuple[ModelConfig, str]:
+    """(config, how it is matched) of ``variant`` for a benchmark shape (the baseline's heads are ``shape``'s).
+    Parameter-matched (presets.matched) where the head counts allow; a variant whose output heads each read several
+    query heads (DIFF V2: ``query_heads_per_head`` 2) falls back to the same *query* width when they do not (for V2:
+    n_head/2 output heads, i.e. n_head query heads: the blog's "identical kernel speed" pair). Not to be confused
+    with the comparison study's ``experiments.presets.variant_config`` (parameter matching only)."""
     try:
-        base = ModelConfig(attention="standard", vocab_size=shape.vocab_size, d_model=shape.d_model,
+        base = ModelConfig(attention=variants.BASELINE, vocab_size=shape.vocab_size, d_model=shape.d_model,
                            n_layer=shape.n_layer, n_head=shape.n_head, n_kv_head=shape.n_kv_head,
                            head_dim=shape.head_dim, max_seq_len=shape.max_seq_len, kernel=kernel)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if variant == "standard":
+    if variant == variants.BASELINE:
         return base, "baseline"
     try:
         return presets.matched(base, variant), "parameters"
     except ValueError:
-        if variant != "diff_v2":
+        from ..model.attention import attention_class  # the model code loads with the first benchmark, not --help
+
+        per = attention_class(variant).query_heads_per_head
+        if per == 1:
             raise
-    h = shape.n_head // 2
+    h = shape.n_head // per
     kv = h if shape.n_kv_head == shape.n_head else shape.n_kv_head
     if h % kv:
-        raise UsageError(f"diff_v2 with {h} output heads cannot share {kv} K/V heads; change --n-kv-head")
-    return ModelConfig.from_dict({**base.to_dict(), "attention": "diff_v2", "n_head": h, "n_kv_head": kv}), "query width"
+        raise UsageError(f"{variant} with {h} output heads cannot share {kv} K/V heads; change --n-kv-head")
+    return ModelConfig.from_dict({**base.to_dict(), "attention": variant, "n_head": h, "n_kv_head": kv}), "query width"
 
 
 # ---------------------------------------------------------------------------------------------- timing

@@ -24,7 +24,7 @@ from .train import row_specs
 def build_decoder(args, shape: common.Shape, spec: dict):
     """A function running prefill + decode once, returning (prefill seconds, decode seconds)."""
     dev, dt = args.device, args.torch_dtype
-    cfg, matched = common.variant_config(shape, spec["variant"], spec.get("kernel", "sdpa"))
+    cfg, matched = common.bench_config(shape, spec["variant"], spec.get("kernel", "sdpa"))
     torch.manual_seed(0)
     hf = bool(spec.get("hf"))
     if hf:

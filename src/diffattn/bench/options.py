@@ -68,7 +68,7 @@ class BenchOptions:
         if bad or not chosen:
             raise UsageError(f"--variants: unknown variant {bad[0] if bad else '(none)'!r}; "
                              f"valid: {', '.join(variants.names())}")
-        self.variant_list = list(dict.fromkeys(["standard", *chosen]))  # the baseline always runs, first
+        self.variant_list = list(dict.fromkeys([variants.BASELINE, *chosen]))  # the baseline always runs, first
         for name in ("batch", "d_model", "n_head", "n_layer", "vocab_size", "warmup", "repeats", "new_tokens"):
             values = getattr(self, name, None)
             lo = 0 if name == "warmup" else 1

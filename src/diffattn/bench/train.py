@@ -51,7 +51,7 @@ def row_specs(args) -> dict[str, dict]:
 def build_row(args, shape: common.Shape, spec: dict):
     """(model, step function, model FLOPs per step, config matching) for one row."""
     dev, dt = args.device, args.torch_dtype
-    cfg, matched = common.variant_config(shape, spec["variant"], spec.get("kernel", "sdpa"))
+    cfg, matched = common.bench_config(shape, spec["variant"], spec.get("kernel", "sdpa"))
     torch.manual_seed(0)
     if spec.get("hf"):
         from transformers import DiffLlamaForCausalLM
