@@ -234,3 +234,18 @@ def test_a_plugin_variant_in_diffattn_info_and_from_a_saved_model(tmp_path, toy)
     assert r.stdout.split() == ["toy_diff", "ToyDiffAttention", str(sum(p.numel() for p in model.parameters()))]
     r = _info(["--attention", "toy_diff"], {**env, "PYTHONPATH": str(TESTS)})  # the plugin is not installed
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown attention 'toy_diff'" in r.stderr
+
+
+def test_a_plugin_variant_trains_from_the_command_line(tmp_path, tiny_corpus):
+    """`diffattn train` with `attention = "toy_diff"` in a fresh process where only the entry point registers it."""
+    from helpers import write_config
+
+    env = _plugin_env(tmp_path)
+    model = {"attention": "toy_diff", "d_model": 32, "n_layer": 2, "n_head": 2, "max_seq_len": 64}
+    cfg = write_config(tmp_path / "run.toml", tiny_corpus, tmp_path / "run", model=model, max_steps=4,
+                       eval_every=0, checkpoint_every=4)
+    r = subprocess.run([sys.executable, "-m", "diffattn", "train", "--config", str(cfg)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/config.json")).read_text())
+    assert saved["attention"] == "toy_diff"

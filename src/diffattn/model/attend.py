@@ -76,6 +76,14 @@ def sdpa_attention(q, k, v, *, mask=None, is_causal=True, scale, need_weights=Fa
     return torch.cat([call(part) for part in v.split(d, dim=-1)], dim=-1), None
 
 
+def save_differential(ctx, inputs, out, second, lse, causal: bool, scale: float) -> None:
+    """What a fused differential backward needs, in the order it unpacks ``ctx.saved_tensors``: the inputs
+    (q1, q2, k1, k2, v, λ), the output, the second map's A2·V and the log-sum-exp rows; ``causal``, ``scale``.
+    The CPU path here and the Triton kernel (triton_diff.py) both save this way."""
+    ctx.save_for_backward(*inputs, out, second, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
 def _stack_padded(q1, q2, k1, k2, v):
     """Both maps as one attention over 2H query heads: Q = [Q1; Q2], K = [K1; K2] (component-major,
     so query head c·H + h meets K/V head c·Hkv + ⌊h/n_rep⌋, the GQA rule j // n_rep), zero-padded
@@ -104,8 +112,7 @@ class _SdpaDifferentialCPU(torch.autograd.Function):
         a, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, vv, 0.0, causal, scale=scale)
         a2 = a[:, h:].clone()  # (B, H, T, 2d); the clone lets `a` (2H heads) be freed
         out = a[:, :h] - lam.to(a.dtype) * a2
-        ctx.save_for_backward(q1, q2, k1, k2, v, lam, out, a2, lse)
-        ctx.causal, ctx.scale = causal, scale
+        save_differential(ctx, (q1, q2, k1, k2, v, lam), out, a2, lse, causal, scale)
         return out
 
     @staticmethod

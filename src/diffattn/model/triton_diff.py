@@ -66,6 +66,8 @@ from typing import NamedTuple
 
 import torch
 
+from .attend import save_differential, sdpa_attention
+
 try:  # the fused kernel is optional: everything else in diffattn works without triton
     import triton
     import triton.language as tl
@@ -638,8 +640,6 @@ def _backward(dout, q1, q2, k1, k2, v, lam, out, o2, lse, causal: bool, scale: f
 
 def _generic(q1, q2, k1, k2, v, lam, causal: bool, scale: float) -> torch.Tensor:
     """The same function through PyTorch's SDPA (the fallback): two calls over the 2d-wide value."""
-    from .attend import sdpa_attention
-
     kw = dict(mask=None, is_causal=causal, scale=scale)
     a1, _ = sdpa_attention(q1, k1, v, **kw)
     a2, _ = sdpa_attention(q2, k2, v, **kw)
@@ -650,8 +650,7 @@ class _DifferentialAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q1, q2, k1, k2, v, lam, causal, scale):
         out, o2, lse = _forward(q1, q2, k1, k2, v, lam, causal, scale, save=True)
-        ctx.save_for_backward(q1, q2, k1, k2, v, lam, out, o2, lse)
-        ctx.causal, ctx.scale = causal, scale
+        save_differential(ctx, (q1, q2, k1, k2, v, lam), out, o2, lse, causal, scale)
         return out
 
     @staticmethod
