@@ -19,6 +19,18 @@ def test_the_source_tree_keeps_the_layering_rules():
     checker = _checker()
     assert checker.check() == []
     assert checker.check_cycles() == []  # no two modules import each other, lazily or not
+    assert checker.check_renderers() == []  # the report reads records and imports no runner
+
+
+def test_a_report_that_imports_a_runner_is_caught(tmp_path):
+    checker = _checker()
+    root = tmp_path / "diffattn"
+    shutil.copytree(REPO / "src" / "diffattn", root)
+    (root / "experiments" / "study_view.py").write_text(
+        (root / "experiments" / "study_view.py").read_text() + "\n\ndef _lazy():\n    from .recall import train_model  # noqa\n")
+    found = checker.check_renderers(root)
+    assert any(p.startswith("experiments/report.py: the report imports a runner: experiments/report.py -> ")
+               and p.endswith("experiments/study_view.py -> experiments/recall.py") for p in found), found
 
 
 def test_a_planted_lazy_cycle_is_caught(tmp_path):

@@ -13,6 +13,7 @@ calls, and ``"diffattn.x:Name"`` strings that code resolves later):
 3. No module outside ``model/`` assigns to an attention module's attributes (``<x>.attn.<name> = ...`` or
    ``attn.<name> = ...``): kernels are selected with ``set_kernel`` / ``using_kernel``.
 4. No source file but the Triton kernel exceeds 600 lines.
+5. The report's modules (``RENDERERS``) never import a runner (``RUNNERS``), directly or through other modules.
 """
 
 from __future__ import annotations
@@ -242,6 +243,35 @@ def _a_cycle(graph, comp: set[str]) -> list[str]:
     return [first, first]
 
 
+# The report reads records (results.json) and renders them; it never imports a runner (what trains or evaluates),
+# directly or through another module, so that `diffattn report DIR` works on any machine that has the file.
+RENDERERS = ("experiments/report.py", "experiments/report_recall.py", "experiments/render.py",
+             "experiments/study_view.py", "experiments/recall_records.py", "experiments/paper.py")
+RUNNERS = ("experiments/compare.py", "experiments/init_study.py", "experiments/recall.py",
+           "experiments/needle_mix.py", "train/trainer.py", "dex/run.py", "dex/study.py")
+
+
+def check_renderers(root: Path = ROOT) -> list[str]:
+    graph = import_graph(root)
+    problems = []
+    for start in RENDERERS:
+        seen, todo, via = {start}, [start], {start: None}
+        while todo:
+            node = todo.pop()
+            for nxt in graph.get(node, {}):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    via[nxt] = node
+                    todo.append(nxt)
+        for runner in RUNNERS:
+            if runner in seen:
+                path = [runner]
+                while via[path[-1]] is not None:
+                    path.append(via[path[-1]])
+                problems.append(f"{start}: the report imports a runner: " + " -> ".join(reversed(path)))
+    return problems
+
+
 def check_cycles(root: Path = ROOT) -> list[str]:
     graph = import_graph(root)
     return [f"import cycle: " + " -> ".join(f"{a}:{graph[a][b]}" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
@@ -249,7 +279,7 @@ def check_cycles(root: Path = ROOT) -> list[str]:
 
 
 def main() -> int:
-    problems = check() + check_cycles()
+    problems = check() + check_cycles() + check_renderers()
     for p in problems:
         print(p)
     print(f"layering: {len(problems)} violation(s)" if problems else "layering: ok")

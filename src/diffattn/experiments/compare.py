@@ -194,7 +194,8 @@ def recall_study(study: StudyConfig, out: Path, log: Callable[[str], None]) -> d
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
-    from .recall import RecallStudyOptions, mean_accuracy
+    from .recall import RecallStudyOptions
+    from .recall_records import mean_accuracy
 
     opts = RecallStudyOptions.from_mapping(study.recall)
     base = opts.baseline(init=study.baseline.init, init_std=study.baseline.init_std)

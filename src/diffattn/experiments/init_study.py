@@ -81,7 +81,7 @@ def _acc_n1(r: dict) -> float:
 
 
 def _steps(opts: dict, n: int):
-    from .recall import steps_or_budget
+    from .recall_records import steps_or_budget
 
     return lambda r: steps_or_budget(r, n, opts)
 
@@ -89,7 +89,7 @@ def _steps(opts: dict, n: int):
 def metrics(res: dict) -> dict[str, dict[str, dict[str, float]]]:
     """Per variant: {metric: {seed: value}} for the LM (val_loss) and recall (mean accuracy, N = 1 accuracy,
     steps to competence at N = 1 and N = C/4)."""
-    from .recall import mean_accuracy
+    from .recall_records import mean_accuracy
 
     out: dict[str, dict] = {}
     lm, rc = res.get("lm"), res.get("recall")

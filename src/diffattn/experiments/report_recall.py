@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .paper import NOT_MEASURED, verdict
 from .render import Block, _pm
+from .recall_records import CATEGORIES, GATE_RULE, steps_or_budget, steps_to, validity_gate
 from .study_view import BASELINE, Study, _baselines_for, _is_diff
 
 
@@ -24,8 +25,6 @@ class RecallView:
         self.has_curves = bool(first.get("curve"))
         self.n_layer = len(first["by_n"][0]["shares"]["answer"])
         self.level = self.o.get("competence", 0.9)
-        from .recall import validity_gate
-
         self.gate = validity_gate(self.per_seed(BASELINE, self.acc_at(1)).values(), self.level) \
             if BASELINE in self.shown else None
 
@@ -58,14 +57,10 @@ class RecallView:
         return self.share("other_pairs")(r) + self.share("filler")(r)
 
     def steps(self, n):
-        from .recall import steps_or_budget
-
         return lambda r: steps_or_budget(r, n, self.o)
 
     def steps_cell(self, v, n) -> str:
         """Steps to competence per seed, '> budget' where a run never got there."""
-        from .recall import steps_to
-
         return ", ".join(str(k) if k is not None else "> budget"
                          for k in self.per_seed(v, lambda r: steps_to(r, n, self.level)).values())
 
@@ -115,8 +110,6 @@ def _recall_accuracy(rv: RecallView, out: Path) -> list[Block]:
 
 
 def _recall_validity(rv: RecallView) -> list[Block]:
-    from .recall import GATE_RULE
-
     rows = [[rv.study.label(v), s, f"{acc:.3f}", "yes" if acc >= rv.level else "no"]
             for v in rv.shown for s, acc in rv.per_seed(v, rv.acc_at(1)).items()]
     blocks = [Block("h3", "Validity: have the models learned the task?"),
@@ -189,8 +182,6 @@ def _recall_verdicts(rv: RecallView, summary: list) -> list[Block]:
 
 
 def _recall_shares(rv: RecallView) -> list[Block]:
-    from .recall import CATEGORIES
-
     rows = [[rv.study.label(v), layer] + [_pm(rv.values(v, rv.share(c, layer=layer)), 3) for c in CATEGORIES]
             for v in rv.shown for layer in range(rv.n_layer)]
     return [Block("h2", f"Recall: where the query's attention goes (N = {max(rv.ns)})"),
