@@ -200,13 +200,13 @@ def test_toy_variant_save_and_from_pretrained(toy, tmp_path):
         assert torch.equal(model(ids), loaded(ids))  # same weights, same process and thread count, same kernels
 
 
-def _plugin_env(tmp_path) -> dict:
+def _plugin_env(tmp_path, extra: str = "") -> dict:
     """An environment in which toy_variant is an installed plugin: a dist-info whose entry point, in the group
     diffattn.variants, names toy_variant.register (what `pip install` of a third-party package writes)."""
     dist = tmp_path / "site" / "toy_variant_plugin-0.1.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-variant-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[{variants.ENTRY_POINT_GROUP}]\ntoy = toy_variant:register\n")
+    (dist / "entry_points.txt").write_text(f"[{variants.ENTRY_POINT_GROUP}]\ntoy = toy_variant:register\n{extra}")
     path = [str(tmp_path / "site"), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
@@ -249,3 +249,20 @@ def test_a_plugin_variant_trains_from_the_command_line(tmp_path, tiny_corpus):
     assert r.returncode == 0, r.stderr
     saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/config.json")).read_text())
     assert saved["attention"] == "toy_diff"
+
+
+def test_a_broken_or_colliding_plugin_is_one_log_line_and_nothing_else(tmp_path):
+    """A plugin that fails to import, and one whose row takes a built-in's name, each cost one log line; the toy
+    plugin beside them still registers, and the built-in keeps its row."""
+    env = _plugin_env(tmp_path, "broken = no_such_module:register\nclash = clash_plugin:ROW\nagain = toy_variant:TOY\n")
+    (tmp_path / "site" / "clash_plugin.py").write_text(
+        "from diffattn.variants import VariantSpec\nROW = VariantSpec(name='diff_v1', cls=None, label='X', heads='x')\n")
+    r = _info(["--attention", "toy_diff", "--json"], env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["config"]["attention"] == "toy_diff"
+    lines = sorted(r.stderr.strip().splitlines())
+    assert len(lines) == 2, lines  # the toy's row named a second time ('again') is the same row: no line
+    assert "variant plugin 'broken'" in lines[0] and "failed to load" in lines[0]
+    assert "variant plugin 'clash'" in lines[1] and "'diff_v1' is already registered" in lines[1]
+    r = _info(["--attention", "diff_v1", "--json"], env)
+    assert r.returncode == 0 and json.loads(r.stdout)["config"]["lambda_init"] == "depth"  # the built-in row

@@ -147,17 +147,21 @@ def load_entry_points() -> None:
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
-            _register_plugin(ep.load())
+            _register_plugin(ep.load(), ep.name)
         except Exception as e:  # a third party's bug must not stop every command
             _log.warning("diffattn: variant plugin %r (%s) failed to load: %s", ep.name, ep.value, e)
 
 
-def _register_plugin(obj) -> None:
+def _register_plugin(obj, plugin: str) -> None:
     if callable(obj) and not isinstance(obj, VariantSpec):
         obj = obj()
     for spec in [obj] if isinstance(obj, VariantSpec) else (obj or []):
-        if spec.name not in _REGISTRY:
+        have = _REGISTRY.get(spec.name)
+        if have is None:
             register(spec)
+        elif have is not spec:  # a plugin never replaces a registered variant (a built-in above all)
+            _log.warning("diffattn: variant plugin %r: %r is already registered; its row is ignored", plugin,
+                         spec.name)
 
 
 def names() -> tuple[str, ...]:
