@@ -45,6 +45,8 @@ def test_one_registry_and_kernel_names_agree():
 def test_unregistered_names_are_refused_and_registration_is_checked(toy):
     with pytest.raises(ValueError, match="unknown attention 'toy_difff'.*toy_diff"):
         ModelConfig(attention="toy_difff", vocab_size=8, d_model=16, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match=r"^unknown attention 'toy_difff'; valid: .*toy_diff"):
+        presets.get("tiny", "toy_difff")  # the registry's line, not a matching failure
     with pytest.raises(ValueError, match="already registered"):
         variants.register(TOY)
     with pytest.raises(ValueError, match="lambda_std: applies only to attention in .*not 'toy_diff'"):

@@ -85,6 +85,7 @@ def matched(config: ModelConfig, variant: str, **variant_options: Any) -> ModelC
     Raises ValueError when the head counts do not divide (e.g. diff_v2 needs a baseline whose head
     count is a multiple of 3).
     """
+    variants.get(variant)  # an unknown name: the registry's one line, not a matching failure
     heads, kv = _baseline_heads(config)
     try:
         n_head, n_kv = matched_heads(variant, heads, kv)
