@@ -21,7 +21,7 @@ rows below are registered with ``register`` like any other, and their classes at
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as _replace
 from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -124,8 +124,6 @@ def register(spec: VariantSpec, *, replace: bool = False) -> VariantSpec:
 
 def attach(name: str, cls: type) -> None:
     """Bind the attention class of a row registered without one (the built-ins: model/attention.py)."""
-    from dataclasses import replace as _replace
-
     _REGISTRY[name] = _replace(get(name), cls=cls)
 
 
