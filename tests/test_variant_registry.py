@@ -53,6 +53,24 @@ def test_unregistered_names_are_refused_and_registration_is_checked(toy):
         ModelConfig(attention="toy_diff", vocab_size=8, d_model=16, n_layer=1, n_head=2, lambda_std=0.1)
 
 
+def test_a_variant_s_own_field_needs_no_modelconfig_change(toy):
+    """``toy_lambda_init`` is declared only in the toy's row: a default, a check, an attribute of the config,
+    flat in to_dict / from_dict, refused for other variants; built-in configs serialise exactly as before."""
+    cfg = presets.get("tiny", "toy_diff")
+    assert cfg.toy_lambda_init == 0.25 and cfg.to_dict()["toy_lambda_init"] == 0.25 and "extra" not in cfg.to_dict()
+    half = ModelConfig.from_dict({**cfg.to_dict(), "toy_lambda_init": 0.5})
+    assert half.toy_lambda_init == 0.5 and ModelConfig.from_dict(half.to_dict()) == half
+    assert cfg.replace(toy_lambda_init=0.5) == half and presets.get("tiny", "toy_diff", toy_lambda_init=0.5) == half
+    assert all(b.attn.lam.item() == 0.5 for b in build_model(half).layers)  # the class reads its own field
+    with pytest.raises(ValueError, match=r"ModelConfig.toy_lambda_init: must be in \(0.0, 1.0\), got 1.5"):
+        ModelConfig.from_dict({**cfg.to_dict(), "toy_lambda_init": 1.5})
+    with pytest.raises(ValueError, match="toy_lambda_init: applies only to attention 'toy_diff', not 'diff_v1'"):
+        presets.get("tiny", "diff_v1", toy_lambda_init=0.5)
+    base = presets.get("tiny")
+    assert base.toy_lambda_init is None and set(base.to_dict()) == {
+        f for f in ModelConfig.__dataclass_fields__ if f != "extra"}  # a built-in's config.json is unchanged
+
+
 def test_toy_variant_builds_matched_and_trains_a_step(toy):
     base = presets.get("tiny", "standard")
     cfg = presets.get("tiny", "toy_diff")  # the matching rule comes from the row: 2/3 of the heads, K/V kept
@@ -220,20 +238,22 @@ def _info(args, env):
 
 def test_a_plugin_variant_in_diffattn_info_and_from_a_saved_model(tmp_path, toy):
     env = _plugin_env(tmp_path)
-    r = _info(["--attention", "toy_diff", "--json"], env)
+    r = _info(["--attention", "toy_diff", "--set", "toy_lambda_init=0.5", "--json"], env)
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert rec["config"]["attention"] == "toy_diff" and rec["config"]["n_head"] == 4  # matched to tiny's 6 heads
+    assert rec["config"]["toy_lambda_init"] == 0.5  # its own field, through --set
     assert rec["params"]["attention.lambda"] == 2  # one λ per layer, the class's bucket
     torch.manual_seed(3)
-    model = build_model(presets.get("tiny", "toy_diff"))
+    model = build_model(presets.get("tiny", "toy_diff", toy_lambda_init=0.75))
     model.save_pretrained(tmp_path / "m")
     load = ("from diffattn.model import DecoderLM; m = DecoderLM.from_pretrained(r'%s'); "
-            "print(m.config.attention, type(m.layers[0].attn).__name__, sum(p.numel() for p in m.parameters()))")
+            "print(m.config.attention, type(m.layers[0].attn).__name__, sum(p.numel() for p in m.parameters()), "
+            "m.config.toy_lambda_init)")
     r = subprocess.run([sys.executable, "-c", load % (tmp_path / "m")], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["toy_diff", "ToyDiffAttention", str(sum(p.numel() for p in model.parameters()))]
+    assert r.stdout.split() == ["toy_diff", "ToyDiffAttention", str(sum(p.numel() for p in model.parameters())), "0.75"]
     r = _info(["--attention", "toy_diff"], {**env, "PYTHONPATH": str(TESTS)})  # the plugin is not installed
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown attention 'toy_diff'" in r.stderr
 
@@ -243,14 +263,15 @@ def test_a_plugin_variant_trains_from_the_command_line(tmp_path, tiny_corpus):
     from helpers import write_config
 
     env = _plugin_env(tmp_path)
-    model = {"attention": "toy_diff", "d_model": 32, "n_layer": 2, "n_head": 2, "max_seq_len": 64}
+    model = {"attention": "toy_diff", "d_model": 32, "n_layer": 2, "n_head": 2, "max_seq_len": 64,
+             "toy_lambda_init": 0.5}  # the variant's own field, in a run file
     cfg = write_config(tmp_path / "run.toml", tiny_corpus, tmp_path / "run", model=model, max_steps=4,
                        eval_every=0, checkpoint_every=4)
     r = subprocess.run([sys.executable, "-m", "diffattn", "train", "--config", str(cfg)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/config.json")).read_text())
-    assert saved["attention"] == "toy_diff"
+    assert saved["attention"] == "toy_diff" and saved["toy_lambda_init"] == 0.5
 
 
 def test_a_broken_or_colliding_plugin_is_one_log_line_and_nothing_else(tmp_path):

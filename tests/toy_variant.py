@@ -6,7 +6,8 @@ registry row. ``register`` is what a third-party package names as its entry poin
 tests/test_variant_registry.py also installs such an entry point for a subprocess.
 
 Output head h = C(2h) − λ·C(2h+1) over 2H query heads against Hkv shared K/V heads, with ONE learnable scalar λ per
-layer, through the kernel's differential entry point.
+layer, through the kernel's differential entry point. λ starts at ``toy_lambda_init``: a config field of this variant
+alone, which ``ModelConfig`` does not declare (its default and value check are in the row below).
 """
 
 from fractions import Fraction
@@ -16,6 +17,7 @@ from torch import nn
 
 from diffattn import variants
 from diffattn.model import AttentionBase, AttentionMaps
+from diffattn.utils.checks import check_float
 
 
 class ToyDiffAttention(AttentionBase):
@@ -34,7 +36,7 @@ class ToyDiffAttention(AttentionBase):
 
     @torch.no_grad()
     def reset_variant_parameters(self):
-        self.lam.fill_(0.25)
+        self.lam.fill_(self.config.toy_lambda_init)
 
     @classmethod
     def attention_widths(cls, config):
@@ -55,9 +57,11 @@ class ToyDiffAttention(AttentionBase):
         return out.transpose(1, 2).flatten(2), maps
 
 
-TOY = variants.VariantSpec(name="toy_diff", cls=ToyDiffAttention, label="Toy DIFF",
-                           heads="n_head output heads, 2·n_head query heads", baseline_heads=Fraction(2, 3),
-                           keep_kv_heads=True, report_note="Toy DIFF is a test's variant.")
+TOY = variants.VariantSpec(
+    name="toy_diff", cls=ToyDiffAttention, label="Toy DIFF", heads="n_head output heads, 2·n_head query heads",
+    fields={"toy_lambda_init": variants.VariantField(0.25, lambda cfg, set_: check_float(
+        "toy_lambda_init", cfg.toy_lambda_init, 0.0, 1.0, lo_open=True, hi_open=True))},
+    baseline_heads=Fraction(2, 3), keep_kv_heads=True, report_note="Toy DIFF is a test's variant.")
 
 
 def register():

@@ -1,7 +1,9 @@
 """Model configuration: one frozen, keyword-only dataclass for every variant.
 
 `ModelConfig` is the single source of truth for a model's shape. Fields that only one variant
-uses (the DIFF λ settings, the Shared-DIFF rank) are ``None`` for the others; derived fields
+uses (the DIFF λ settings, the Shared-DIFF rank) are ``None`` for the others; a registered variant's own fields that
+this class does not declare live in ``extra`` and read as attributes (variants.py: their defaults and checks are in
+the variant's row); derived fields
 (``n_kv_head``, ``head_dim``, ``ffn_hidden`` and the variant settings) are filled in
 ``__post_init__`` only when not given. Every impossible combination raises ``ValueError`` naming
 the field and the valid range, so a bad configuration never reaches the model code.
@@ -88,10 +90,13 @@ class ModelConfig:
     # --- Shared DIFF only (our reading of the abstract, UNCONFIRMED; see model/attention.py) ---
     shared_rank: int | None = None  # rank r of the per-map low-rank updates; default min(16, D·Hd/(4(D+Hd)))
     shared_init: str | None = None  # "lora" (B = 0: both maps start equal) or "random"
+    # --- a registered variant's own fields that this class does not declare (a third-party variant's options) ---
+    # (name, value) pairs, read as attributes (``cfg.<name>``); flat in to_dict / config.json like every other field
+    extra: tuple[tuple[str, Any], ...] = ()
 
     # ------------------------------------------------------------------ derivation + validation
     def __post_init__(self) -> None:  # noqa: C901 (one check per field, in field order)
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_ = self._set_field
         if self.attention not in variants.names():
             _fail("attention", f"unknown attention {self.attention!r}; valid: {', '.join(variants.names())}")
         spec = variants.get(self.attention)
@@ -130,16 +135,50 @@ class ModelConfig:
             set_("ffn_hidden", 64 * math.ceil(8 * self.d_model / 3 / 64))
         _check_int("ffn_hidden", self.ffn_hidden, 1)
 
-        for name in variants.all_fields():  # variant-only fields: None unless the variant uses them
-            value = getattr(self, name)
+        self._variant_fields(spec)
+
+    def _variant_fields(self, spec) -> None:
+        """Variant-only fields: ``None`` unless the variant uses them, then its default when not given, and the
+        row's value checks (``variants.VariantField``)."""
+        names = variants.all_fields()
+        extra = dict(self.extra)
+        unknown = sorted(set(extra) - set(names))
+        if unknown or any(n in _DECLARED for n in extra):
+            bad = unknown or sorted(n for n in extra if n in _DECLARED)
+            _fail("extra", f"{', '.join(map(repr, bad))} is not the field of a registered variant that "
+                           "ModelConfig does not declare")
+        object.__setattr__(self, "extra", tuple((k, v) for k, v in extra.items() if v is not None))
+        for name in names:
+            value = self._field(name)
             if name not in spec.fields:
                 if value is not None:
                     users = variants.users_of(name)
                     where = f"attention {users[0]!r}" if len(users) == 1 else f"attention in {users}"
                     _fail(name, f"applies only to {where}, not {self.attention!r}")
             elif value is None:
-                set_(name, spec.default(name, self))
-        spec.check(self, set_)  # the variant's own value checks (its registry row)
+                self._set_field(name, spec.default(name, self))
+        spec.check(self, self._set_field)  # the variant's own value checks (its registry row)
+
+    def _field(self, name: str) -> Any:
+        return getattr(self, name) if name in _DECLARED else dict(self.extra).get(name)
+
+    def _set_field(self, name: str, value: Any) -> None:
+        """Set a field of this frozen config while it is being built (derived values, normalised values)."""
+        if name in _DECLARED:
+            object.__setattr__(self, name, value)
+        else:
+            object.__setattr__(self, "extra", tuple({**dict(self.extra), name: value}.items()))
+
+    def __getattr__(self, name: str) -> Any:
+        """A registered variant's own field (``extra``) as an attribute; ``None`` for another variant's."""
+        if name.startswith("__") or name == "extra":
+            raise AttributeError(name)
+        extra = dict(object.__getattribute__(self, "extra"))
+        if name in extra:
+            return extra[name]
+        if name in variants.all_fields():
+            return None
+        raise AttributeError(f"'ModelConfig' object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -157,27 +196,42 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """All fields, derived ones included, as plain JSON-able values."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """All fields, derived ones included, as plain JSON-able values; ``extra`` flat among them."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}, **dict(self.extra)}
+
+    @classmethod
+    def _split(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """``data`` with a registered variant's undeclared fields gathered into ``extra``; unknown keys: an error."""
+        extra = {k: v for k, v in data.items() if k not in _DECLARED and k in variants.all_fields()}
+        unknown = sorted(set(data) - _DECLARED - set(extra))
+        if unknown:
+            valid = sorted((_DECLARED - {"extra"}) | set(variants.all_fields()))
+            raise ValueError(f"ModelConfig: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+        out = {k: v for k, v in data.items() if k in _DECLARED}
+        if extra:
+            out["extra"] = tuple({**dict(out.get("extra", ())), **extra}.items())
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
         """Inverse of :meth:`to_dict`. Unknown keys are an error, never silently ignored."""
         if not isinstance(data, Mapping):
             raise ValueError(f"ModelConfig: expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown key(s) {', '.join(map(repr, unknown))}; "
-                             f"valid: {', '.join(sorted(known))}")
         try:
-            return cls(**data)
+            return cls(**cls._split(data))
         except TypeError as e:  # missing required field
             raise ValueError(f"ModelConfig: {e}") from None
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A copy with ``changes`` (``dataclasses.replace``: derived values are kept as they are)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (``dataclasses.replace``: derived values are kept as they are); a registered
+        variant's undeclared field goes to ``extra``."""
+        split = self._split(changes)
+        if "extra" in split:
+            split["extra"] = tuple({**dict(self.extra), **dict(split["extra"])}.items())
+        return dataclasses.replace(self, **split)
+
+
+_DECLARED = frozenset(f.name for f in fields(ModelConfig))
 
 
 __all__ = ["ModelConfig", "ATTENTION_VARIANTS", "KERNELS", "INITS", "lambda_init_for_depth"]

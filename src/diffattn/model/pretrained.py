@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
+from .. import variants
 from ..config import ModelConfig
 from ..fsutil import atomic_directory, read_json
 from ..utils.integrity import verify_file
@@ -37,8 +38,9 @@ def config_to_json(config: ModelConfig) -> dict:
 def config_from_json(data: dict, source: str = "config.json") -> ModelConfig:
     if data.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{source}: model_type is {data.get('model_type')!r}, not {MODEL_TYPE!r}")
-    fields = {k: v for k, v in data.items() if k in ModelConfig.__dataclass_fields__}
-    return ModelConfig.from_dict(fields)
+    # ModelConfig's fields and registered variants' own ones; transformers' bookkeeping keys are ignored
+    known = (set(ModelConfig.__dataclass_fields__) - {"extra"}) | set(variants.all_fields())
+    return ModelConfig.from_dict({k: v for k, v in data.items() if k in known})
 
 
 def read_config(directory: str | os.PathLike) -> ModelConfig:

@@ -84,9 +84,9 @@ class _DropIn:
             users = " and ".join(variants.label(v) for v in variants.users_of("lambda_init"))
             raise ValueError(f"lambda_init applies to {users}, not {type(self).__name__}")
         try:
-            config = ModelConfig(attention=self.VARIANT, vocab_size=1, d_model=embed_dim, n_layer=depth + 1,
-                                 n_head=num_heads, n_kv_head=num_kv_heads, head_dim=head_dim, max_seq_len=1,
-                                 kernel=kernel, init="torch", **fields)
+            config = ModelConfig.from_dict(dict(
+                attention=self.VARIANT, vocab_size=1, d_model=embed_dim, n_layer=depth + 1, n_head=num_heads,
+                n_kv_head=num_kv_heads, head_dim=head_dim, max_seq_len=1, kernel=kernel, init="torch", **fields))
         except ValueError as e:  # name the layer's arguments, not the decoder config's fields
             msg = str(e).replace("ModelConfig.", "")
             for ours, theirs in (("d_model", "embed_dim"), ("n_kv_head", "num_kv_heads"), ("n_head", "num_heads")):
