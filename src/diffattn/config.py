@@ -147,7 +147,7 @@ class ModelConfig:
             bad = unknown or sorted(n for n in extra if n in _DECLARED)
             _fail("extra", f"{', '.join(map(repr, bad))} is not the field of a registered variant that "
                            "ModelConfig does not declare")
-        object.__setattr__(self, "extra", tuple((k, v) for k, v in extra.items() if v is not None))
+        object.__setattr__(self, "extra", tuple(sorted((k, v) for k, v in extra.items() if v is not None)))
         for name in names:
             value = self._field(name)
             if name not in spec.fields:
@@ -167,7 +167,7 @@ class ModelConfig:
         if name in _DECLARED:
             object.__setattr__(self, name, value)
         else:
-            object.__setattr__(self, "extra", tuple({**dict(self.extra), name: value}.items()))
+            object.__setattr__(self, "extra", tuple(sorted({**dict(self.extra), name: value}.items())))  # one order: ==
 
     def __getattr__(self, name: str) -> Any:
         """A registered variant's own field (``extra``) as an attribute; ``None`` for another variant's."""
