@@ -271,3 +271,26 @@ def cli(argv: list[str], monkeypatch) -> int:
 
     monkeypatch.setattr(c, "SUBCOMMANDS", {"eval": c.SUBCOMMANDS["eval"]})
     return c.main(argv)
+
+
+def greedy_margin(model, seq: torch.Tensor, start: int) -> float:
+    """The smallest gap between the two largest logits at the greedy choices ``seq[:, start:]`` (one full forward,
+    teacher-forced on ``seq``). Two computations whose logits differ by less than half this gap choose the same
+    tokens, bit for bit, whatever CPU computed them: what lets a test compare greedy token ids exactly."""
+    with torch.no_grad():
+        top2 = model(seq)[:, start - 1:-1].topk(2, dim=-1).values
+    return float((top2[..., 0] - top2[..., 1]).min())
+
+
+def assert_same_outputs_and_grads(actual, expected, ids: torch.Tensor, *, out_tol: tuple[float, float],
+                                  grad_tol: tuple[float, float]) -> None:
+    """Two models with the same weights (e.g. two kernels) agree on ``ids`` within ``out_tol`` = (rtol, atol), and,
+    after one backward pass of the same random cotangent through each, in every parameter gradient within
+    ``grad_tol``."""
+    out_a, out_e = actual(ids), expected(ids)
+    torch.testing.assert_close(out_a, out_e, rtol=out_tol[0], atol=out_tol[1])
+    g = torch.randn_like(out_e)
+    (out_a * g).sum().backward()
+    (out_e * g).sum().backward()
+    for (name, pa), pe in zip(actual.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(pa.grad, pe.grad, rtol=grad_tol[0], atol=grad_tol[1], msg=name)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from diffattn import ATTENTION_VARIANTS, ModelConfig, build_model
 from diffattn.model import kernels
 from diffattn.model.kernels import KERNELS, eager_attention, sdpa_attention, sdpa_differential
+from helpers import assert_same_outputs_and_grads  # tests/helpers.py
 
 
 def rel_err(a, b):
@@ -175,11 +176,5 @@ def test_model_uses_it_and_matches_the_split_value_path(attention, monkeypatch):
     fused.set_kernel(kernels.FunctionKernel("spy", kernels.sdpa_attention,
                                             lambda *a, **kw: calls.append(1) or real(*a, **kw)))
     ids = torch.randint(0, 37, (2, 13))
-    out_f, out_s = fused(ids), split(ids)
-    assert len(calls) == cfg.n_layer
-    torch.testing.assert_close(out_f, out_s, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(out_s)
-    (out_f * g).sum().backward()
-    (out_s * g).sum().backward()
-    for (name, pf), ps in zip(fused.named_parameters(), split.parameters()):
-        torch.testing.assert_close(pf.grad, ps.grad, rtol=1e-9, atol=1e-15, msg=name)
+    assert_same_outputs_and_grads(fused, split, ids, out_tol=(1e-12, 1e-12), grad_tol=(1e-9, 1e-15))
+    assert len(calls) == cfg.n_layer  # the fused entry served every layer's forward

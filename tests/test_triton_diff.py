@@ -17,14 +17,18 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="triton is an optional package (pip install 'diffattn[triton]')")
 
 from diffattn import ModelConfig, build_model  # noqa: E402
 from diffattn.model import kernels, triton_diff  # noqa: E402
+from helpers import assert_same_outputs_and_grads  # noqa: E402 (tests/helpers.py)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if triton_diff.unavailable_reason(torch.device(DEVICE)):
-    pytest.skip(triton_diff.unavailable_reason(torch.device(DEVICE)), allow_module_level=True)
+_WHY = triton_diff.unavailable_reason(torch.device(DEVICE))
+if _WHY:  # an environment reason, never unfinished work
+    if DEVICE == "cpu" and triton_diff._INTERPRET_TOO_LATE:  # triton came in before TRITON_INTERPRET could be set
+        _WHY += "; tests/test_triton_isolated.py runs these tests in a fresh process instead"
+    pytest.skip(_WHY, allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
@@ -125,13 +129,7 @@ def test_model_triton_equals_eager_forward_and_grads(attention):
     cfg = tiny_config(attention, kernel="eager", **extra)
     eager, fused = twins(cfg, 0)
     ids = torch.randint(0, cfg.vocab_size, (2, 23), device=DEVICE)
-    out_e, out_f = eager(ids), fused(ids)
-    torch.testing.assert_close(out_f, out_e, rtol=1e-4, atol=1e-5)
-    g = torch.randn_like(out_e)
-    (out_e * g).sum().backward()
-    (out_f * g).sum().backward()
-    for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(pf.grad, pe.grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_outputs_and_grads(fused, eager, ids, out_tol=(1e-4, 1e-5), grad_tol=(1e-3, 1e-5))
 
 
 def test_model_generate_with_cache_equals_eager():

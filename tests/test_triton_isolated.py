@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="triton is an optional package (pip install 'diffattn[triton]')")
 
 
 def test_triton_kernel_tests_in_a_fresh_interpreter_process(request):

@@ -55,10 +55,6 @@ def lambda_init_for_depth(depth: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * depth)
 
 
-_fail = fail  # ModelConfig.<field>: <message> (utils/checks.py)
-_check_int, _check_float, _check_bool = check_int, check_float, check_bool
-
-
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Shape and options of a decoder-only LM with one attention variant in every layer."""
@@ -98,42 +94,42 @@ class ModelConfig:
     def __post_init__(self) -> None:  # noqa: C901 (one check per field, in field order)
         set_ = self._set_field
         if self.attention not in variants.names():
-            _fail("attention", f"unknown attention {self.attention!r}; valid: {', '.join(variants.names())}")
+            fail("attention", f"unknown attention {self.attention!r}; valid: {', '.join(variants.names())}")
         spec = variants.get(self.attention)
         if self.kernel not in KERNELS:
-            _fail("kernel", f"unknown kernel {self.kernel!r}; valid: {', '.join(KERNELS)}")
-        _check_int("vocab_size", self.vocab_size, 1)
-        _check_int("d_model", self.d_model, 1)
-        _check_int("n_layer", self.n_layer, 1, 4096)
-        _check_int("n_head", self.n_head, 1, 4096)
-        _check_int("max_seq_len", self.max_seq_len, 1)
-        _check_float("rope_theta", self.rope_theta, 1.0, 1e12, lo_open=True)
-        _check_float("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True, hi_open=True)
+            fail("kernel", f"unknown kernel {self.kernel!r}; valid: {', '.join(KERNELS)}")
+        check_int("vocab_size", self.vocab_size, 1)
+        check_int("d_model", self.d_model, 1)
+        check_int("n_layer", self.n_layer, 1, 4096)
+        check_int("n_head", self.n_head, 1, 4096)
+        check_int("max_seq_len", self.max_seq_len, 1)
+        check_float("rope_theta", self.rope_theta, 1.0, 1e12, lo_open=True)
+        check_float("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True, hi_open=True)
         if self.init not in INITS:
-            _fail("init", f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
-        _check_float("init_std", self.init_std, 0.0, 10.0, lo_open=True)
-        _check_bool("tie_embeddings", self.tie_embeddings)
+            fail("init", f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
+        check_float("init_std", self.init_std, 0.0, 10.0, lo_open=True)
+        check_bool("tie_embeddings", self.tie_embeddings)
 
         if self.n_kv_head is None:
             set_("n_kv_head", self.n_head)
-        _check_int("n_kv_head", self.n_kv_head, 1, self.n_head)
+        check_int("n_kv_head", self.n_kv_head, 1, self.n_head)
         if self.n_head % self.n_kv_head:
-            _fail("n_kv_head", f"must divide n_head={self.n_head} (GQA groups), got {self.n_kv_head}")
+            fail("n_kv_head", f"must divide n_head={self.n_head} (GQA groups), got {self.n_kv_head}")
 
         if self.head_dim is None:
             split = spec.head_split * self.n_head
             what = f"{spec.head_split}*n_head" if spec.head_split != 1 else "n_head"
             if self.d_model % split:
-                _fail("d_model", f"must be divisible by {what}={split} to derive head_dim "
+                fail("d_model", f"must be divisible by {what}={split} to derive head_dim "
                       f"(or give head_dim), got {self.d_model}")
             set_("head_dim", self.d_model // split)
-        _check_int("head_dim", self.head_dim, 2, 1024)
+        check_int("head_dim", self.head_dim, 2, 1024)
         if self.head_dim % 2:
-            _fail("head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+            fail("head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
 
         if self.ffn_hidden is None:
             set_("ffn_hidden", 64 * math.ceil(8 * self.d_model / 3 / 64))
-        _check_int("ffn_hidden", self.ffn_hidden, 1)
+        check_int("ffn_hidden", self.ffn_hidden, 1)
 
         self._variant_fields(spec)
 
@@ -145,7 +141,7 @@ class ModelConfig:
         unknown = sorted(set(extra) - set(names))
         if unknown or any(n in _DECLARED for n in extra):
             bad = unknown or sorted(n for n in extra if n in _DECLARED)
-            _fail("extra", f"{', '.join(map(repr, bad))} is not the field of a registered variant that "
+            fail("extra", f"{', '.join(map(repr, bad))} is not the field of a registered variant that "
                            "ModelConfig does not declare")
         object.__setattr__(self, "extra", tuple(sorted((k, v) for k, v in extra.items() if v is not None)))
         for name in names:
@@ -154,7 +150,7 @@ class ModelConfig:
                 if value is not None:
                     users = variants.users_of(name)
                     where = f"attention {users[0]!r}" if len(users) == 1 else f"attention in {users}"
-                    _fail(name, f"applies only to {where}, not {self.attention!r}")
+                    fail(name, f"applies only to {where}, not {self.attention!r}")
             elif value is None:
                 self._set_field(name, spec.default(name, self))
         spec.check(self, self._set_field)  # the variant's own value checks (its registry row)
@@ -200,12 +196,19 @@ class ModelConfig:
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}, **dict(self.extra)}
 
     @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Every key a config can hold, as ``to_dict`` writes them: the declared fields and the undeclared fields of
+        the registered variants (``extra``, flat). What run files, ``config.json`` readers and the HF config accept."""
+        declared = tuple(f.name for f in fields(cls) if f.name != "extra")
+        return declared + tuple(n for n in variants.all_fields() if n not in _DECLARED)
+
+    @classmethod
     def _split(cls, data: Mapping[str, Any]) -> dict[str, Any]:
         """``data`` with a registered variant's undeclared fields gathered into ``extra``; unknown keys: an error."""
         extra = {k: v for k, v in data.items() if k not in _DECLARED and k in variants.all_fields()}
         unknown = sorted(set(data) - _DECLARED - set(extra))
         if unknown:
-            valid = sorted((_DECLARED - {"extra"}) | set(variants.all_fields()))
+            valid = sorted(cls.field_names())
             raise ValueError(f"ModelConfig: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
         out = {k: v for k, v in data.items() if k in _DECLARED}
         if extra:

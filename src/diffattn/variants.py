@@ -202,6 +202,17 @@ def same_heads_of(control: str) -> VariantSpec | None:
     return next((s for s in map(get, names()) if s.same_heads and s.same_heads.name == control), None)
 
 
+def control_of(name: str) -> str | None:
+    """The name of variant ``name``'s same-heads control (None when it has none, or ``name`` is no variant)."""
+    spec = _REGISTRY.get(name) if name in names() else None
+    return spec.same_heads.name if spec is not None and spec.same_heads is not None else None
+
+
+def controls() -> tuple[str, ...]:
+    """The names of the registered variants' same-heads controls (DIFF V2's ``standard_same_heads``)."""
+    return tuple(c for c in map(control_of, names()) if c)
+
+
 def fused_differential(name: str) -> bool:
     """Whether the variant makes a kernel's ``attend_differential`` call (fused kernels apply to it). Asks the
     class: the model code must be loaded (every caller builds models)."""
@@ -290,5 +301,5 @@ register(VariantSpec(
 BUILTIN = tuple(_REGISTRY)
 
 __all__ = ["VariantSpec", "VariantField", "SameHeads", "register", "attach", "unregister", "load_entry_points",
-           "names", "get", "all_fields", "users_of", "label", "same_heads_of", "fused_differential", "BUILTIN", "BASELINE",
+           "names", "get", "all_fields", "users_of", "label", "same_heads_of", "control_of", "controls", "fused_differential", "BUILTIN", "BASELINE",
            "ENTRY_POINT_GROUP"]

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .. import variants
 from ..utils.options import parse_set
-from .presets import controls
 
 
 def _override(item: str) -> tuple[str, object]:
@@ -48,7 +47,7 @@ COMPARE_DESCRIPTION = ("A parameter-matched comparison study of the differential
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu-tiny", help="preset name (configs/compare-NAME.toml) or a .toml file")
-    p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(variants.names() + controls())}")
+    p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(variants.names() + variants.controls())}")
     p.add_argument("--seeds", type=int, help="number of seeds (overrides the preset)")
     p.add_argument("--data", help="a ready token-shard directory (skips `data prepare`)")
     p.add_argument("--out", help="output directory (default: runs/compare-PRESET)")

@@ -100,13 +100,13 @@ class StudyTable:
         vs = variant_registry.names() if self.variants is None else self.variants
         if isinstance(vs, str):
             vs = [v.strip() for v in vs.split(",") if v.strip()]
-        valid = variant_registry.names() + controls()
+        valid = variant_registry.names() + variant_registry.controls()
         bad = [v for v in vs if v not in valid]
         if bad or not vs:
             _fail(where, f"[study] variants: unknown {bad or 'empty list'}; valid: {', '.join(valid)}")
-        if self.v2_same_heads_baseline:
-            vs = list(vs) + [c for v in vs if v in variant_registry.names()
-                             for c in [getattr(variant_registry.get(v).same_heads, "name", None)] if c and c not in vs]
+        if self.v2_same_heads_baseline:  # each variant's same-heads control (DIFF V2's), after the variants
+            added = dict.fromkeys(filter(None, map(variant_registry.control_of, vs)))
+            vs = list(vs) + [c for c in added if c not in vs]
         if BASELINE not in vs:
             vs = [BASELINE] + list(vs)  # every ratio and verdict is against the baseline
         seeds = self.seeds
@@ -142,11 +142,6 @@ class NeedleMixTable:
     def check(self, where: str) -> None:
         if not isinstance(self.share, (int, float)) or not 0 <= self.share <= 1:
             _fail(where, f"[needle_mix] share must be in [0, 1], got {self.share!r}")
-
-
-def controls() -> tuple[str, ...]:
-    """The names of the registered variants' same-heads controls (DIFF V2's ``standard_same_heads``)."""
-    return tuple(s.same_heads.name for s in map(variant_registry.get, variant_registry.names()) if s.same_heads)
 
 
 def _table(cls, data: dict, name: str, where: str):

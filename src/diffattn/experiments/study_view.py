@@ -75,8 +75,7 @@ class Study:
 
 def _baselines_for(variant: str, study: Study) -> list[str]:
     """The baseline, and the variant's same-heads control when the study trained one (DIFF V2's)."""
-    spec = variants.get(variant) if variant in variants.names() else None
-    control = spec.same_heads.name if spec is not None and spec.same_heads is not None else None
+    control = variants.control_of(variant)
     return [BASELINE, control] if control in study.variants else [BASELINE]
 
 

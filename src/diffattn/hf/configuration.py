@@ -22,17 +22,10 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from .._version import __version__
-from .. import variants
 from ..config import ModelConfig
 
 MODEL_TYPE = "diffattn"
 MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelConfig) if f.name != "extra")
-
-
-def _all_fields() -> tuple[str, ...]:
-    """MODEL_FIELDS and the undeclared fields of registered variants (a plugin's own options), flat as in
-    ModelConfig.to_dict."""
-    return MODEL_FIELDS + tuple(n for n in variants.all_fields() if n not in MODEL_FIELDS)
 
 
 class DiffAttnConfig(PretrainedConfig):
@@ -59,7 +52,7 @@ class DiffAttnConfig(PretrainedConfig):
                 if name in kwargs and kwargs[name] != value:
                     raise ValueError(f"DiffAttnConfig: {alias}={value!r} contradicts {name}={kwargs[name]!r}")
                 kwargs[name] = value
-        given = {name: kwargs.pop(name) for name in _all_fields() if name in kwargs}
+        given = {name: kwargs.pop(name) for name in ModelConfig.field_names() if name in kwargs}
         if given:
             values = ModelConfig.from_dict(given).to_dict()  # validates; fills derived fields
         else:  # an empty config (transformers builds one to find default values); not buildable
@@ -72,7 +65,7 @@ class DiffAttnConfig(PretrainedConfig):
     # ------------------------------------------------------------------ conversions
     def to_model_config(self) -> ModelConfig:
         """The :class:`ModelConfig` these fields describe (validated again: attributes may have been set)."""
-        return ModelConfig.from_dict({name: getattr(self, name) for name in _all_fields()
+        return ModelConfig.from_dict({name: getattr(self, name) for name in ModelConfig.field_names()
                                       if getattr(self, name, None) is not None})
 
     @classmethod

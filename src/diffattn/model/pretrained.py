@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
-from .. import variants
 from ..config import ModelConfig
 from ..fsutil import atomic_directory, read_json
 from ..utils.integrity import verify_file
@@ -38,8 +37,7 @@ def config_to_json(config: ModelConfig) -> dict:
 def config_from_json(data: dict, source: str = "config.json") -> ModelConfig:
     if data.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{source}: model_type is {data.get('model_type')!r}, not {MODEL_TYPE!r}")
-    # ModelConfig's fields and registered variants' own ones; transformers' bookkeeping keys are ignored
-    known = (set(ModelConfig.__dataclass_fields__) - {"extra"}) | set(variants.all_fields())
+    known = set(ModelConfig.field_names())  # transformers' bookkeeping keys are ignored
     return ModelConfig.from_dict({k: v for k, v in data.items() if k in known})
 
 

@@ -32,7 +32,6 @@ from typing import Any, Mapping
 
 from .. import presets
 from ..config import ModelConfig
-from .. import variants
 from ..variants import BASELINE
 from ..utils.options import parse_set, parse_value, read_toml  # noqa: F401 (parse_value: re-exported)
 from .schedule import SCHEDULES
@@ -243,10 +242,6 @@ def _check_keys(what: str, data: Mapping[str, Any], valid: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------- run files
-def _model_fields() -> list[str]:
-    """ModelConfig's fields and every registered variant's own (a plugin's rows load on the first lookup)."""
-    return [f.name for f in fields(ModelConfig) if f.name != "extra"] + [
-        n for n in variants.all_fields() if n not in {f.name for f in fields(ModelConfig)}]
 _TRAIN_FIELDS = [f.name for f in fields(TrainConfig)] + ["recipe"]
 
 
@@ -259,7 +254,7 @@ def apply_overrides(tables: dict[str, dict[str, Any]], overrides: list[str]) -> 
             if table not in ("model", "train"):
                 raise ValueError(f"--set {item!r}: the key must start with 'model.' or 'train.', got {key!r}")
         else:
-            in_train, in_model = key in _TRAIN_FIELDS, key in _model_fields() or key == "preset"
+            in_train, in_model = key in _TRAIN_FIELDS, key in ModelConfig.field_names() or key == "preset"
             if in_train == in_model:
                 where = "both" if in_train else "neither"
                 raise ValueError(f"--set {item!r}: {key!r} is a field of {where} [model] and [train]; "
@@ -294,11 +289,11 @@ def resolve_model_config(table: Mapping[str, Any], data_vocab_size: int | None =
     if "preset" in table:
         name = table.pop("preset")
         attention = table.pop("attention", BASELINE)
-        _check_keys("[model]", table, _model_fields())
+        _check_keys("[model]", table, list(ModelConfig.field_names()))
         if not isinstance(name, str):
             raise ValueError(f"[model].preset must be a string, got {name!r}")
         return presets.get(name, attention, **table)
-    _check_keys("ModelConfig", table, _model_fields() + ["preset"])
+    _check_keys("ModelConfig", table, [*ModelConfig.field_names(), "preset"])
     if not table:
         raise ValueError("[model]: empty; give preset = \"tiny\" (and attention = ...) or ModelConfig fields")
     return ModelConfig.from_dict(table)
